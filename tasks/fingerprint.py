@@ -1,0 +1,83 @@
+"""Content keys for stage results.
+
+Prefect's default cache policy includes the run id (so nothing is reused across runs) and a
+``Path`` argument hashes only its text (so a changed file at the same path returns a stale
+result). KoroKoro keys every stage on content instead: the sha256 of the input video, chained
+through each stage's resolved settings, the source of the code that runs it, and the versions
+of the libraries it leans on. Change the mesh settings and only mesh, shard and upload get a
+new key; change nothing and every key repeats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+CHUNK_BYTES = 8 << 20  # read big videos in pieces: never the whole file in memory
+
+
+def hash_file(path: Path, chunk_bytes: int = CHUNK_BYTES) -> str:
+    """sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no whitespace: equal settings give equal text."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+@lru_cache(maxsize=None)
+def source_digest(modules: tuple[str, ...]) -> str:
+    """sha256 over the source files of the given modules (a package counts all its .py files)."""
+    digest = hashlib.sha256()
+    for name in modules:
+        module = importlib.import_module(name)
+        origin = Path(module.__file__ or "")
+        files: Iterable[Path]
+        if origin.name == "__init__.py":
+            files = sorted(origin.parent.rglob("*.py"))
+        else:
+            files = [origin]
+        for file in files:
+            digest.update(file.name.encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+@lru_cache(maxsize=None)
+def library_versions(distributions: tuple[str, ...]) -> str:
+    """``name==version`` of each installed distribution, ``name==absent`` if missing."""
+    parts = []
+    for dist in distributions:
+        try:
+            parts.append(f"{dist}=={importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            parts.append(f"{dist}==absent")
+    return ",".join(parts)
+
+
+def stage_fingerprint(
+    stage: str,
+    upstream: Sequence[str],
+    settings: Mapping[str, Any],
+    modules: Sequence[str] = (),
+    libraries: Sequence[str] = (),
+) -> str:
+    """The cache key of one stage: upstream keys + settings + code + library versions."""
+    digest = hashlib.sha256()
+    digest.update(stage.encode())
+    for key in upstream:
+        digest.update(key.encode())
+    digest.update(canonical_json(dict(settings)).encode())
+    digest.update(source_digest(tuple(modules)).encode())
+    digest.update(library_versions(tuple(libraries)).encode())
+    return digest.hexdigest()

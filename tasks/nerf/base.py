@@ -1,0 +1,87 @@
+"""The one small interface every NeRF backend implements, and the registry of backends.
+
+A backend trains from a ``transforms.json`` (with ``mask_path`` on every frame) into a
+checkpoint folder, and loads that folder back as a :class:`RadianceField` that the mesh
+stage can query. Coordinates are the normalised world of ``transforms.json`` (+Z up).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import Tensor
+
+
+class RadianceField(Protocol):
+    """A trained field, queried in the normalised world frame."""
+
+    aabb: Tensor
+    """``[2, 3]`` float32: min and max corner of the box the field lives in."""
+
+    def density(self, points: Tensor) -> Tensor:
+        """Volume density ``sigma >= 0``. points ``[N, 3]`` → ``[N]``."""
+
+    def color(self, points: Tensor, directions: Tensor) -> Tensor:
+        """Linear RGB in 0..1 seen along unit ``directions``. ``[N, 3], [N, 3]`` → ``[N, 3]``."""
+
+    def render(self, c2w: Tensor, intrinsics: Tensor, width: int, height: int) -> dict[str, Tensor]:
+        """Render one view.
+
+        c2w ``[4, 4]`` camera-to-world (OpenGL axes), intrinsics ``[4]`` = fx, fy, cx, cy.
+        Returns ``rgb [H, W, 3]`` (premultiplied, no background), ``alpha [H, W]``,
+        ``depth [H, W]``.
+        """
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """What a backend reports after training (written to metrics.json by the stage)."""
+
+    steps: int
+    seconds: float
+    peak_memory_mb: float
+    device: str
+    extra: dict[str, Any]
+
+
+class NerfBackend(Protocol):
+    """Train a field from disk to disk, and load it back."""
+
+    name: str
+
+    def train(
+        self,
+        transforms: Path,
+        hull: Path,
+        out_dir: Path,
+        settings: dict[str, Any],
+        progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    ) -> TrainReport: ...
+
+    def load(self, out_dir: Path, device: str | torch.device = "cpu") -> RadianceField: ...
+
+
+_REGISTRY: dict[str, Callable[[], NerfBackend]] = {}
+
+
+def register_backend(name: str) -> Callable[[Callable[[], NerfBackend]], Callable[[], NerfBackend]]:
+    """Decorator: make a backend factory selectable as ``nerf=<name>``."""
+
+    def deco(factory: Callable[[], NerfBackend]) -> Callable[[], NerfBackend]:
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def get_backend(name: str) -> NerfBackend:
+    """The backend registered as ``name``; a clear error lists the known ones."""
+    # Importing the package registers the built-in backends.
+    import tasks.nerf  # noqa: F401
+
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown NeRF backend {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]()

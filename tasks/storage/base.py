@@ -1,0 +1,126 @@
+"""The products queue and object bucket, as one interface every backend implements.
+
+The seed kept its queue in a Supabase table and its models in a Supabase bucket. KoroKoro's
+embedded default is a SQLite table and a folder (``tasks.storage.local``); the Supabase backend
+implements the same methods with the same meaning, so flows never know which one they talk to.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from tasks.types import Product
+
+STATUSES = ("IDLE", "PROCESSING", "DONE", "FAILED")
+
+# unique_ids become folder and object names: letters, digits, '-' and '_' only, so no id can
+# climb out of its folder ("../../etc") or smuggle a separator.
+_UNIQUE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# Object keys are '/'-separated segments of the same safe alphabet plus '.'.
+_KEY_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+class StoreError(RuntimeError):
+    """The store refused or failed an operation; the message says which and why."""
+
+
+class ProductNotFound(StoreError):
+    pass
+
+
+def check_unique_id(unique_id: str) -> str:
+    """Return ``unique_id`` if it is safe to use as a folder name, else raise with the rule."""
+    if not isinstance(unique_id, str) or not _UNIQUE_ID.match(unique_id):
+        raise StoreError(
+            f"invalid unique_id {unique_id!r}: use 1-64 letters, digits, '-' or '_', "
+            "starting with a letter or digit"
+        )
+    return unique_id
+
+
+def check_object_key(key: str) -> str:
+    """Return ``key`` if every '/'-separated segment is safe (no '..', no absolute path)."""
+    segments = key.split("/")
+    if not key or any(not _KEY_SEGMENT.match(s) or s in (".", "..") for s in segments):
+        raise StoreError(f"invalid object key {key!r}: use '/'-separated names of letters, digits, '.', '-', '_'")
+    return key
+
+
+def safe_file_name(name: str) -> str:
+    """A seller's file name reduced to the safe alphabet (kept so errors can name the file)."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).name).lstrip("._") or "video"
+    return stem[-100:]
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """``conf/storage/*.yaml``."""
+
+    backend: str
+    root: str = "./korokoro-data/store"
+    bucket: str = "korokoro_bucket"
+    max_video_bytes: int = 2 << 30
+    part_bytes: int = 45 << 20
+
+
+class ProductStore(Protocol):
+    """Queue + bucket. Every method is safe to call from several workers at once."""
+
+    def enqueue(self, title: str, category: str, video: Path, unique_id: str | None = None) -> Product:
+        """Upload ``video`` to the bucket and add an IDLE product row."""
+
+    def get(self, unique_id: str) -> Product:
+        """The product's row; :class:`ProductNotFound` if there is none."""
+
+    def list_products(self, status: str | None = None) -> list[Product]:
+        """All rows (optionally of one status), oldest first."""
+
+    def claim_next(self, worker: str, lease_s: float, max_attempts: int) -> Product | None:
+        """Atomically take the oldest claimable product (IDLE, or PROCESSING with an expired
+        lease) and mark it PROCESSING for ``worker``; None when the queue is empty."""
+
+    def claim(self, unique_id: str, worker: str, lease_s: float) -> Product:
+        """Take one named product (any status but a live lease held by another worker)."""
+
+    def fetch_video(self, product: Product, dest: Path, max_bytes: int) -> Path:
+        """Stream the product's video to ``dest``; refuse files over ``max_bytes``."""
+
+    def put_object(self, key: str, src: Path, content_type: str = "application/octet-stream") -> None:
+        """Store ``src`` under ``key``, replacing what was there (upsert: re-uploads are safe)."""
+
+    def get_object(self, key: str, dest: Path) -> Path:
+        """Copy the object at ``key`` to ``dest``."""
+
+    def object_exists(self, key: str) -> bool: ...
+
+    def object_version(self, key: str) -> str:
+        """A token that changes whenever the object at ``key`` is replaced (etag, or size + mtime)."""
+
+    def mark_done(self, unique_id: str, manifest_key: str) -> Product: ...
+
+    def mark_failed(self, unique_id: str, reason: str) -> Product: ...
+
+
+_BACKENDS: dict[str, Callable[[StorageSettings], ProductStore]] = {}
+
+
+def register_store(name: str) -> Callable[[Callable[[StorageSettings], Any]], Callable[[StorageSettings], Any]]:
+    def deco(factory: Callable[[StorageSettings], Any]) -> Callable[[StorageSettings], Any]:
+        _BACKENDS[name] = factory
+        return factory
+
+    return deco
+
+
+def open_store(settings: StorageSettings | dict[str, Any]) -> ProductStore:
+    """The store a ``storage=`` config group describes."""
+    import tasks.storage.local  # noqa: F401  (registers "local")
+
+    if isinstance(settings, dict):
+        settings = StorageSettings(**settings)
+    if settings.backend not in _BACKENDS:
+        raise StoreError(f"unknown storage backend {settings.backend!r}; choose one of: {', '.join(sorted(_BACKENDS))}")
+    return _BACKENDS[settings.backend](settings)
