@@ -1,0 +1,320 @@
+"""mesh stage: a trained radiance field → a light web asset (GLB) and the seed's OBJ + MTL.
+
+Steps: density on a grid → marching cubes → keep the product (visual-hull cull, largest
+components) → Taubin smoothing → quadric decimation → colours from the field (vertex
+colours, and a baked xatlas texture) → GLB (+Y up, PBR metallic 0) and OBJ + MTL, shrunk
+until the GLB fits ``max_glb_bytes``. Geometry lives in tasks/mesh_geometry.py, colour in
+tasks/mesh_texture.py, writers in tasks/mesh_export.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from tasks import mesh_geometry as geo
+from tasks.mesh_export import Z_UP_TO_Y_UP, glb_bytes, write_obj
+from tasks.mesh_texture import bake_texture, encode_image, linear_to_srgb, shade, srgb_to_linear
+from tasks.mesh_unwrap import unwrap
+from tasks.nerf.base import get_backend
+from tasks.types import MaskSet, MeshAsset, TrainedField
+
+log = logging.getLogger(__name__)
+
+
+class MeshBudgetError(ValueError):
+    """The GLB cannot fit max_glb_bytes within the floors the settings allow."""
+
+
+@dataclass(frozen=True)
+class MeshSettings:
+    """Every tunable of the mesh stage (conf/mesh/*.yaml documents each key)."""
+
+    grid_resolution: int = 256
+    grid_box: str = "hull"
+    hull_padding: float = 0.05
+    chunk_points: int = 262144
+    density_threshold: float = 2.5
+    keep_component_fraction: float = 0.1
+    hull_cull: bool = True
+    hull_grid_dilate_voxels: int = 1
+    hull_vote_fraction: float = 0.8
+    hull_max_views: int = 60
+    mask_dilate_px: int = 4
+    smooth_iterations: int = 5
+    smooth_lambda: float = 0.5
+    smooth_mu: float = -0.53
+    max_triangles: int = 100000
+    color_views: int = 5
+    color_cone_deg: float = 30.0
+    color_ray_samples: int = 8
+    color_ray_half_voxels: float = 1.5
+    field_color_space: str = "linear"
+    texture_size: int = 2048
+    texture_format: str = "jpeg"
+    jpeg_quality: int = 90
+    texture_padding_px: int = 4
+    texture_dilate_px: int = 8
+    unwrap_in_subprocess: bool = True
+    unwrap_timeout_s: float = 600.0
+    raster_chunk_texels: int = 4000000
+    roughness: float = 0.7
+    max_glb_bytes: int = 3000000
+    min_jpeg_quality: int = 70
+    min_texture_size: int = 1024
+    min_triangles: int = 20000
+    budget_max_rounds: int = 8
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> None:
+            raise ValueError(f"mesh.{key}={getattr(self, key)!r}: {why}")
+
+        if self.grid_box not in ("hull", "field"):
+            bad("grid_box", "choose 'hull' (the masks' box, padded) or 'field' (the field's aabb)")
+        if self.texture_format not in ("png", "jpeg"):
+            bad("texture_format", "choose 'png' or 'jpeg'")
+        if self.field_color_space not in ("linear", "srgb"):
+            bad("field_color_space", "choose 'linear' or 'srgb' (what the backend's color() returns)")
+        if self.grid_resolution < 16:
+            bad("grid_resolution", "use at least 16 samples per axis")
+        if self.texture_size and (self.texture_size < 64 or self.texture_size & (self.texture_size - 1)):
+            bad("texture_size", "use 0 (vertex colours only) or a power of two ≥ 64")
+        if self.min_triangles > self.max_triangles:
+            bad("min_triangles", f"must not exceed max_triangles={self.max_triangles}")
+        if not 0 < self.min_jpeg_quality <= self.jpeg_quality <= 100:
+            bad("min_jpeg_quality", f"need 0 < min_jpeg_quality <= jpeg_quality ({self.jpeg_quality}) <= 100")
+        if not 0.0 <= self.hull_vote_fraction <= 1.0:
+            bad("hull_vote_fraction", "must be within 0..1")
+
+
+def meshing_box(field_aabb: np.ndarray, masks: MaskSet, settings: MeshSettings) -> np.ndarray:
+    """``[2, 3]`` box to sample: the hull's aabb padded by ``hull_padding`` × its size, inside the field's aabb."""
+    if settings.grid_box == "field":
+        return field_aabb
+    hull = np.asarray(geo.load_hull(masks.hull)["aabb"])
+    pad = (hull[1] - hull[0]) * settings.hull_padding
+    box = np.stack([np.maximum(hull[0] - pad, field_aabb[0]), np.minimum(hull[1] + pad, field_aabb[1])])
+    if np.any(box[1] <= box[0]):
+        raise ValueError(
+            f"the hull box {hull.tolist()} in {masks.hull} does not overlap the field's aabb {field_aabb.tolist()}: "
+            "the segment and train stages disagree on the world; set mesh.grid_box=field to mesh the whole field"
+        )
+    return box
+
+
+def cull_outside_hull(vertices: np.ndarray, faces: np.ndarray, masks: MaskSet, settings: MeshSettings) -> tuple[np.ndarray, np.ndarray, str]:
+    """Drop faces whose centroid is outside the masks' visual hull; returns the method used."""
+    centroids = vertices[faces].mean(1)
+    hull = geo.load_hull(masks.hull)
+    if "grid" in hull:
+        keep = geo.inside_hull_grid(centroids, hull["grid"], hull["grid_aabb"], settings.hull_grid_dilate_voxels)
+        method = "hull_grid"
+    else:
+        inside, seen = geo.mask_votes(centroids, masks.transforms, settings.hull_max_views, settings.mask_dilate_px)
+        keep = (seen == 0) | (inside >= settings.hull_vote_fraction * seen)
+        method = "mask_votes"
+    if not keep.any():
+        raise ValueError(
+            f"every face lies outside the visual hull ({method}): the masks and the field disagree "
+            "(check the cameras in the MaskSet's transforms.json), or set mesh.hull_cull=false"
+        )
+    v, f = geo.drop_unused_vertices(vertices, faces[keep])
+    return v, f, method
+
+
+def _encode(image_field: np.ndarray, size: int, fmt: str, quality: int, field_space: str) -> bytes:
+    """Baked image (field colour space) → encoded sRGB bytes at ``size``²."""
+    if image_field.shape[0] != size:
+        image_field = cv2.resize(image_field, (size, size), interpolation=cv2.INTER_AREA)
+    srgb = linear_to_srgb(image_field) if field_space == "linear" else image_field
+    return encode_image(srgb, fmt, quality)
+
+
+def _colorize(field, vertices, faces, settings: MeshSettings, voxel: float, device: str, timings: dict) -> dict:
+    """Normals, vertex colours and (if asked and possible) a baked texture for one geometry."""
+    t0 = time.perf_counter()
+    normals = geo.vertex_normals(vertices, faces)
+
+    def shade_fn(points: np.ndarray, point_normals: np.ndarray) -> np.ndarray:
+        return shade(
+            field, points, point_normals, settings.color_views, settings.color_cone_deg,
+            settings.color_ray_samples, settings.color_ray_half_voxels * voxel, settings.chunk_points, device,
+        )
+
+    out = {"vertices": vertices, "faces": faces, "normals": normals, "colors": shade_fn(vertices, normals)}
+    timings["color"] = timings.get("color", 0.0) + time.perf_counter() - t0
+    if settings.texture_size <= 0:
+        return out
+    t0 = time.perf_counter()
+    try:
+        vmap, uv_faces, uv = unwrap(
+            vertices, faces, settings.texture_size, settings.texture_padding_px,
+            settings.unwrap_in_subprocess, settings.unwrap_timeout_s,
+        )
+        image, coverage = bake_texture(
+            vertices[vmap], normals[vmap], uv_faces, uv, settings.texture_size, shade_fn,
+            settings.texture_dilate_px, settings.raster_chunk_texels,
+        )
+        out.update(vmap=vmap, uv_faces=uv_faces, uv=uv, image=image, coverage=coverage)
+    except Exception as err:  # noqa: BLE001 - any failure falls back to vertex colours, and says so
+        log.warning("texture baking failed, exporting vertex colours: %s", err)
+        out["texture_error"] = f"{type(err).__name__}: {err}"
+    timings["texture"] = timings.get("texture", 0.0) + time.perf_counter() - t0
+    return out
+
+
+def _export_arrays(colored: dict) -> dict:
+    """glTF-axis arrays (+Y up) of a colorized geometry; split along UV seams when textured."""
+    if "image" in colored:
+        vmap = colored["vmap"]
+        v, n, f, uv = colored["vertices"][vmap], colored["normals"][vmap], colored["uv_faces"], colored["uv"]
+        colors = colored["colors"][vmap]
+    else:
+        v, n, f, uv, colors = colored["vertices"], colored["normals"], colored["faces"], None, colored["colors"]
+    return {"vertices": v @ Z_UP_TO_Y_UP.T, "normals": n @ Z_UP_TO_Y_UP.T, "faces": f, "uv": uv, "colors": colors}
+
+
+def extract_mesh(
+    field: TrainedField, masks: MaskSet, out_dir: Path, settings: MeshSettings, fingerprint: str, device: str = "cpu"
+) -> MeshAsset:
+    """Mesh, clean, colour and export the product of a trained field into ``out_dir``.
+
+    Writes ``model.glb`` (+Y up, metallic 0, texture embedded, ≤ ``max_glb_bytes``),
+    ``model.obj`` + ``model.mtl`` (+ ``model_texture.jpg|png``; +Y up like the GLB, for three.js
+    OBJLoader) and ``metrics.json``. Raises :class:`tasks.mesh_geometry.EmptyFieldError` when the
+    field holds no product and :class:`MeshBudgetError` when the budget cannot be met.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = timings.get(name, 0.0) + now - clock
+        clock = now
+
+    radiance = get_backend(field.backend).load(Path(field.dir), device)
+    field_aabb = radiance.aabb.detach().float().cpu().numpy().astype(np.float64).reshape(2, 3)
+    box = meshing_box(field_aabb, masks, settings)
+    grid = geo.sample_density_grid(radiance, box, settings.grid_resolution, settings.chunk_points, device)
+    voxel = float(np.mean((box[1] - box[0]) / (settings.grid_resolution - 1)))
+    lap("grid")
+    vertices, faces = geo.grid_to_mesh(grid, box, settings.density_threshold)
+    del grid
+    raw_triangles = len(faces)
+    lap("marching_cubes")
+    cull_method = "off"
+    if settings.hull_cull:
+        vertices, faces, cull_method = cull_outside_hull(vertices, faces, masks, settings)
+    culled_triangles = raw_triangles - len(faces)
+    vertices, faces, dropped = geo.keep_main_components(vertices, faces, settings.keep_component_fraction)
+    vertices = geo.taubin_smooth(vertices, faces, settings.smooth_iterations, settings.smooth_lambda, settings.smooth_mu)
+    clean_triangles = len(faces)
+    lap("cleaning")
+
+    adjustments: list[str] = []
+    target = settings.max_triangles
+    size, fmt, quality = settings.texture_size, settings.texture_format, settings.jpeg_quality
+    for _round in range(settings.budget_max_rounds):
+        clock = time.perf_counter()
+        v, f = geo.decimate(vertices, faces, target)
+        lap("decimation")
+        colored = _colorize(radiance, v, f, settings, voxel, device, timings)
+        clock = time.perf_counter()
+        arrays = _export_arrays(colored)
+        texture = None
+        while True:
+            if "image" in colored:
+                texture = _encode(colored["image"], size, fmt, quality, settings.field_color_space)
+                glb = glb_bytes(arrays["vertices"], arrays["normals"], arrays["faces"], settings.roughness,
+                                uv=arrays["uv"], texture=texture, texture_mime=f"image/{fmt}")
+            else:
+                colors = arrays["colors"] if settings.field_color_space == "linear" else srgb_to_linear(arrays["colors"])
+                glb = glb_bytes(arrays["vertices"], arrays["normals"], arrays["faces"], settings.roughness, colors_linear=colors)
+            if len(glb) <= settings.max_glb_bytes or texture is None:
+                break
+            # Over budget: texture first (format, quality, size), as far as the floors allow.
+            if fmt == "png":
+                fmt = "jpeg"
+                adjustments.append("texture_format png -> jpeg")
+            elif quality > settings.min_jpeg_quality:
+                quality = max(settings.min_jpeg_quality, quality - 10)
+                adjustments.append(f"jpeg_quality -> {quality}")
+            elif size // 2 >= settings.min_texture_size:
+                size //= 2
+                adjustments.append(f"texture_size -> {size}")
+            else:
+                break
+        lap("export")
+        if len(glb) <= settings.max_glb_bytes:
+            break
+        # Then triangles: geometry bytes scale with the triangle count.
+        texture_bytes = len(texture) if texture is not None else 0
+        room = settings.max_glb_bytes - texture_bytes - 4096
+        new_target = int(len(f) * room / max(len(glb) - texture_bytes, 1) * 0.97)
+        if room <= 0 or len(f) <= settings.min_triangles:
+            new_target = -1
+        elif new_target < settings.min_triangles:
+            new_target = settings.min_triangles
+        if new_target < 0:
+            raise MeshBudgetError(
+                f"the GLB needs {len(glb)} bytes with {len(f)} triangles and a {size}px texture (q{quality}) but "
+                f"mesh.max_glb_bytes={settings.max_glb_bytes}: raise max_glb_bytes or lower min_triangles / "
+                "min_texture_size / min_jpeg_quality"
+            )
+        target = new_target
+        adjustments.append(f"max_triangles -> {target}")
+    else:
+        raise MeshBudgetError(
+            f"the GLB is still {len(glb)} bytes > mesh.max_glb_bytes={settings.max_glb_bytes} after "
+            f"{settings.budget_max_rounds} rounds ({'; '.join(adjustments)}): raise budget_max_rounds or max_glb_bytes"
+        )
+
+    glb_path = out_dir / "model.glb"
+    glb_path.write_bytes(glb)
+    obj_path = out_dir / "model.obj"
+    extra: dict[str, str] = {"mtl": str(obj_path.with_suffix(".mtl"))}
+    texture_name = None
+    if texture is not None:
+        texture_name = "model_texture." + ("jpg" if fmt == "jpeg" else "png")
+        (out_dir / texture_name).write_bytes(texture)
+        extra["texture"] = str(out_dir / texture_name)
+    obj_colors = arrays["colors"] if settings.field_color_space == "srgb" else linear_to_srgb(arrays["colors"])
+    write_obj(obj_path, arrays["vertices"], arrays["normals"], arrays["faces"], settings.roughness,
+              uv=arrays["uv"] if texture is not None else None, texture_name=texture_name, colors_srgb=obj_colors)
+    lap("export")
+
+    metrics = {
+        "triangles": int(len(arrays["faces"])),
+        "vertices": int(len(arrays["vertices"])),
+        "glb_bytes": len(glb),
+        "obj_bytes": obj_path.stat().st_size,
+        "texture_size": size if texture is not None else 0,
+        "texture_format": fmt if texture is not None else None,
+        "jpeg_quality": quality if texture is not None and fmt == "jpeg" else None,
+        "texture_coverage": colored.get("coverage"),
+        "texture_error": colored.get("texture_error"),
+        "bbox_world_zup": {"min": colored["vertices"].min(0).tolist(), "max": colored["vertices"].max(0).tolist()},
+        "meshing_box": box.tolist(),
+        "triangles_marching_cubes": raw_triangles,
+        "triangles_culled_by_hull": culled_triangles,
+        "hull_cull": cull_method,
+        "components_dropped": dropped,
+        "triangles_clean": clean_triangles,
+        "budget_adjustments": adjustments,
+        "axes": "GLB and OBJ are +Y up: world (x, y, z) -> (x, z, -y)",
+        "seconds": {k: round(v, 3) for k, v in timings.items()},
+        "settings": asdict(settings),
+    }
+    metrics_path = out_dir / "metrics.json"
+    metrics_path.write_text(json.dumps(metrics, indent=2))
+    return MeshAsset(dir=out_dir, glb=glb_path, obj=obj_path, triangles=metrics["triangles"],
+                     metrics=metrics_path, fingerprint=fingerprint, extra=extra)
