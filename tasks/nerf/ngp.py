@@ -1,0 +1,311 @@
+"""``ngp``: KoroKoro's own instant-NGP-style trainer in plain PyTorch (CPU and CUDA).
+
+Trains a hash-grid radiance field of the product inside the hull box, supervised by the
+masked frames: the target colour is ``rgb * mask + bg * (1 - mask)`` with a random
+background per ray and the prediction is ``rgb + (1 - alpha) * bg``, so the field learns
+the product and emptiness around it. Every ``holdout_every``-th frame is held out and only
+used for the reported PSNR.
+
+Checkpoint folder: ``field.pt`` (weights, occupancy grid, aabb, settings) and
+``settings.json`` (the same settings, readable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from tasks.nerf.base import TrainReport, register_backend
+from tasks.nerf.dataset import Capture, aabb_pixel_rects, load_capture, load_hull
+from tasks.nerf.evaluate import evaluate_frames, save_previews
+from tasks.nerf.field import NgpModel, NgpRadianceField, make_sampler, render_rays
+from tasks.nerf.occupancy import OccupancyGrid
+from tasks.nerf.rays import pixel_rays
+from tasks.nerf.settings import settings_from_dict
+
+CHECKPOINT_FORMAT = "korokoro-ngp/1"
+
+
+@dataclass(frozen=True)
+class NgpSettings:
+    """Every knob of the ngp backend (conf/nerf/ngp.yaml documents each one)."""
+
+    backend: str = "ngp"
+    device: str = "auto"
+    seed: int = 0
+    steps: int = 4000
+    rays_per_batch: int = 4096
+    samples_per_ray: int = 256
+    aabb_padding: float = 0.1
+    downscale: int = 1
+    holdout_every: int = 8
+    n_levels: int = 16
+    features_per_level: int = 2
+    log2_hashmap_size: int = 19
+    base_resolution: int = 16
+    finest_resolution: int = 2048
+    hidden_dim: int = 64
+    geo_feat_dim: int = 15
+    color_hidden_dim: int = 64
+    lr: float = 0.01
+    lr_final_factor: float = 0.03
+    lr_warmup_steps: int = 100
+    adam_eps: float = 1e-15
+    weight_decay: float = 1e-6
+    occ_resolution: int = 128
+    occ_update_every: int = 16
+    occ_warmup_steps: int = 256
+    occ_update_fraction: float = 0.25
+    occ_decay: float = 0.95
+    occ_threshold: float = 0.01
+    carve_tolerance: float = 0.1
+    cpu_threads: int = 0
+    alpha_loss_weight: float = 0.0
+    mixed_precision: bool = False
+    render_chunk: int = 16384
+    log_every: int = 50
+    eval_train_frames: int = 2
+    eval_max_frames: int = 0
+    save_previews: bool = True
+
+
+def choose_device(name: str) -> torch.device:
+    """``auto`` → cuda when available, else cpu; anything else is passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"nerf.device={name!r} but CUDA is not available here; use device=auto or cpu")
+    return device
+
+
+def padded_aabb(hull_aabb: Tensor, padding: float) -> Tensor:
+    """Hull box grown by ``padding`` times its size on every side. ``[2, 3]`` → ``[2, 3]``."""
+    margin = (hull_aabb[1] - hull_aabb[0]) * padding
+    return torch.stack([hull_aabb[0] - margin, hull_aabb[1] + margin])
+
+
+def build_field(s: NgpSettings, aabb: Tensor, device: torch.device) -> tuple[NgpModel, OccupancyGrid, float]:
+    """A fresh model, its occupancy grid and the render step (box diagonal / samples_per_ray)."""
+    model = NgpModel(
+        aabb, s.n_levels, s.features_per_level, s.log2_hashmap_size, s.base_resolution,
+        s.finest_resolution, s.hidden_dim, s.geo_feat_dim, s.color_hidden_dim,
+    ).to(device)
+    step = float((aabb[1] - aabb[0]).norm()) / s.samples_per_ray
+    occupancy = OccupancyGrid(aabb.to(device), s.occ_resolution, step, s.occ_threshold, s.occ_decay)
+    return model, occupancy, step
+
+
+def learning_rate_factor(step: int, s: NgpSettings) -> float:
+    """Linear warm-up, then exponential decay down to ``lr_final_factor`` at the last step."""
+    if step < s.lr_warmup_steps:
+        return (step + 1) / s.lr_warmup_steps
+    progress = (step - s.lr_warmup_steps) / max(1, s.steps - s.lr_warmup_steps)
+    return s.lr_final_factor**progress
+
+
+def sample_training_rays(
+    capture: Capture, frame_ids: Tensor, rects: Tensor, n_rays: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Random pixels of training frames, uniform over the pixels inside the box's rectangles.
+
+    frame_ids ``[T]``, rects ``[T, 4]`` → origins ``[R, 3]``, directions ``[R, 3]``,
+    rgb ``[R, 3]`` in 0..1, mask ``[R]`` float (1 = product).
+    """
+    area = ((rects[:, 2] - rects[:, 0]) * (rects[:, 3] - rects[:, 1])).float()
+    pick = torch.multinomial(area, n_rays, replacement=True, generator=generator)
+    rect = rects[pick]
+    uv01 = torch.rand(n_rays, 2, device=rects.device, generator=generator)
+    u = (rect[:, 0] + (uv01[:, 0] * (rect[:, 2] - rect[:, 0])).long()).clamp(max=capture.width - 1)
+    v = (rect[:, 1] + (uv01[:, 1] * (rect[:, 3] - rect[:, 1])).long()).clamp(max=capture.height - 1)
+    frames = frame_ids[pick]
+    origins, directions = pixel_rays(capture.c2w[frames], capture.intrinsics[frames], torch.stack([u, v], -1))
+    rgb = capture.images[frames, v, u].float() / 255.0
+    mask = capture.masks[frames, v, u].float()
+    return origins, directions, rgb, mask
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # ru_maxrss is in kilobytes on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def train_ngp(
+    transforms: Path,
+    hull: Path,
+    out_dir: Path,
+    settings: dict[str, Any],
+    progress: Callable[[int, int, dict[str, float]], None] | None = None,
+) -> TrainReport:
+    """Train the field and write the checkpoint folder; returns the report with held-out PSNR."""
+    s = settings_from_dict(settings, NgpSettings)
+    device = choose_device(s.device)
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and s.cpu_threads > 0:
+        torch.set_num_threads(s.cpu_threads)
+    try:
+        return _train(s, device, transforms, hull, out_dir, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    s: NgpSettings,
+    device: torch.device,
+    transforms: Path,
+    hull: Path,
+    out_dir: Path,
+    progress: Callable[[int, int, dict[str, float]], None] | None,
+) -> TrainReport:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(s.seed)
+    generator = torch.Generator(device=device).manual_seed(s.seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+
+    aabb = padded_aabb(load_hull(hull), s.aabb_padding).to(device)
+    capture = load_capture(transforms, s.downscale, s.holdout_every, device)
+    train_ids = torch.tensor(capture.train_ids, device=device)
+    rects = aabb_pixel_rects(capture, aabb)[train_ids]
+    visible = (rects[:, 2] > rects[:, 0]) & (rects[:, 3] > rects[:, 1])
+    if not bool(visible.any()):
+        raise ValueError(f"the hull box {aabb.tolist()} from {hull} is not in view of any training frame; check the hull json")
+    train_ids, rects = train_ids[visible], rects[visible]
+
+    model, occupancy, step_size = build_field(s, aabb, device)
+    if s.carve_tolerance < 1.0:
+        ids = torch.tensor(capture.train_ids, device=device)
+        occupancy.carve(capture.c2w[ids], capture.intrinsics[ids], capture.masks[ids], s.carve_tolerance)
+        if bool(occupancy.carved.all()):
+            raise ValueError(f"the masks of {transforms} leave nothing of the hull box {aabb.tolist()}; check masks and hull")
+    sampler = make_sampler(aabb, step_size, occupancy)
+    # Adam with eps 1e-15 as instant-ngp: hash entries see rare, tiny gradients that a
+    # larger eps would swallow. Weight decay only on the MLPs.
+    optimizer = torch.optim.Adam(
+        [
+            {"params": [model.encoding.table], "weight_decay": 0.0},
+            {"params": [*model.density_mlp.parameters(), *model.color_mlp.parameters()], "weight_decay": s.weight_decay},
+        ],
+        lr=s.lr, betas=(0.9, 0.99), eps=s.adam_eps,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, s))
+    use_amp = s.mixed_precision and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    density_fn = model.density
+
+    model.train()
+    loss_value, psnr_value = float("nan"), float("nan")
+    for step in range(s.steps):
+        if step % s.occ_update_every == 0:
+            fraction = 1.0 if step < s.occ_warmup_steps else s.occ_update_fraction
+            occupancy.update(density_fn, fraction, s.render_chunk * 8, generator)
+        origins, directions, rgb, mask = sample_training_rays(capture, train_ids, rects, s.rays_per_batch, generator)
+        background = torch.rand(rgb.shape, device=device, generator=generator)
+        target = rgb * mask[:, None] + background * (1 - mask[:, None])
+        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
+            out = render_rays(model, sampler, origins, directions, jitter=True, generator=generator)
+        prediction = out["rgb"].float() + (1 - out["alpha"].float())[:, None] * background
+        color_loss = torch.mean((prediction - target) ** 2)
+        loss = color_loss
+        if s.alpha_loss_weight > 0:
+            loss = loss + s.alpha_loss_weight * torch.mean((out["alpha"].float() - mask) ** 2)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        if progress is not None and (step % s.log_every == 0 or step == s.steps - 1):
+            loss_value = loss.item()
+            psnr_value = -10.0 * math.log10(max(color_loss.item(), 1e-10))
+            progress(step + 1, s.steps, {"loss": loss_value, "psnr": psnr_value, "occupied": occupancy.occupied_fraction})
+    train_seconds = time.perf_counter() - started
+
+    model.eval()
+    save_checkpoint(out_dir, model, occupancy, s)
+    field = NgpRadianceField(model, sampler, s.render_chunk)
+    limit = s.eval_max_frames or None
+    holdout = evaluate_frames(field, capture, capture.holdout_ids[:limit])
+    spread = capture.train_ids[:: max(1, len(capture.train_ids) // max(1, s.eval_train_frames))][: s.eval_train_frames]
+    train_eval = evaluate_frames(field, capture, spread)
+    if s.save_previews:
+        save_previews(field, capture, capture.holdout_ids[:limit][:4], out_dir)
+    return TrainReport(
+        steps=s.steps,
+        seconds=train_seconds,
+        peak_memory_mb=_peak_memory_mb(device),
+        device=str(device),
+        extra={
+            "psnr_holdout_object": holdout["psnr_object"],
+            "psnr_train_object": train_eval["psnr_object"],
+            "mask_iou_holdout": holdout["mask_iou"],
+            "holdout_frames": len(capture.holdout_ids[:limit]),
+            "train_frames": len(capture.train_ids),
+            "occupied_fraction": occupancy.occupied_fraction,
+            "eval_seconds": time.perf_counter() - started - train_seconds,
+            "aabb": aabb.tolist(),
+        },
+    )
+
+
+def save_checkpoint(out_dir: Path, model: NgpModel, occupancy: OccupancyGrid, s: NgpSettings) -> None:
+    """``field.pt`` holds everything :func:`load_ngp` needs; ``settings.json`` is for people."""
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "settings": dataclasses.asdict(s),
+        "aabb": model.aabb.cpu(),
+        "model": {k: v.cpu() for k, v in model.state_dict().items()},
+        "occupancy": occupancy.state_dict(),
+    }
+    torch.save(state, out_dir / "field.pt")
+    (out_dir / "settings.json").write_text(json.dumps(dataclasses.asdict(s), indent=2))
+
+
+def load_ngp(out_dir: Path, device: str | torch.device = "cpu") -> NgpRadianceField:
+    """Load ``out_dir/field.pt`` as a :class:`RadianceField` on ``device`` ("auto" allowed)."""
+    path = Path(out_dir) / "field.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no ngp checkpoint at {path}; train the field first (train stage)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint (format={state.get('format')!r})")
+    device = choose_device(device) if isinstance(device, str) else torch.device(device)
+    s = settings_from_dict(state["settings"], NgpSettings)
+    aabb = state["aabb"].to(device)
+    model, _, step_size = build_field(s, aabb, device)
+    model.load_state_dict(state["model"])
+    occupancy = OccupancyGrid.from_state(aabb, state["occupancy"])
+    return NgpRadianceField(model, make_sampler(aabb, step_size, occupancy), s.render_chunk)
+
+
+@register_backend("ngp")
+class NgpBackend:
+    """The default backend: ``get_backend("ngp")``."""
+
+    name = "ngp"
+    settings_type = NgpSettings
+
+    def train(
+        self,
+        transforms: Path,
+        hull: Path,
+        out_dir: Path,
+        settings: dict[str, Any],
+        progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    ) -> TrainReport:
+        return train_ngp(transforms, hull, out_dir, settings, progress)
+
+    def load(self, out_dir: Path, device: str | torch.device = "cpu") -> NgpRadianceField:
+        return load_ngp(out_dir, device)
