@@ -1,0 +1,483 @@
+"""segment stage: one product mask per frame, made to agree across views through a visual hull.
+
+Pipeline (``segment_product``):
+
+1. first pass, per frame, by the backend named ``settings.name`` (``cv2`` = GrabCut started from
+   the detector's box and seed points);
+2. consistency (``reconcile_masks``): masks whose area or centroid jump against their neighbours
+   are rejected; a voxel visual hull is carved from the accepted masks by voting (a voxel
+   survives when at most ``hull_max_miss_fraction`` of the views miss it, so one bad mask cannot
+   cut it); masks that leak out of it, or miss what all other views agree on, are rejected too
+   and the hull is carved again;
+3. refine: every frame is segmented again with the hull's projection as a trimap (GrabCut only
+   decides a thin band around the hull's outline); rejected frames get the hull alone as prior,
+   and a result that still misses what all the other views agree on is merged with it;
+4. outputs (``tasks.isolation_outputs``): masks, rgba, transforms.json with mask_path, hull.json +
+   hull.npy, contact_sheet.jpg, stats.json.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+from tasks import isolation_geometry as geo
+from tasks.isolation_outputs import write_outputs
+from tasks.types import CameraRig, Detections, MaskSet
+
+
+@dataclass(frozen=True)
+class SegmenterSettings:
+    """Settings of the ``cv2`` segmenter and of the cross-view consistency (conf/segmenter/cv2.yaml)."""
+
+    name: str = "cv2"
+    # first pass (GrabCut)
+    first_pass_object_px: int = 120  # first-pass GrabCut runs on a crop resampled so the box spans this many px
+    refine_object_px: int = 200  # the refine pass resamples so the hull's outline spans this many px (sub-pixel edges)
+    min_work_scale: float = 0.25  # never shrink the crop more than this (keeps thin parts)
+    max_work_scale: float = 3.0  # never enlarge the crop more than this (speed)
+    crop_margin: float = 0.3  # the crop adds this fraction of the product's size around it (colour models)
+    grabcut_iterations: int = 5  # GrabCut iterations per pass
+    seed_radius_px: int = 1  # radius of the disc each seed point marks as certain fg / bg
+    seed_edge_px: float = 3.0  # fg seeds nearer than this to the seeds' outline stay only "probable"
+    keep_component_fraction: float = 0.15  # drop blobs smaller than this fraction of the largest one
+    # consistency across views
+    neighbour_window: int = 2  # frames on each side a mask's area and centroid are compared with
+    max_area_ratio: float = 2.5  # reject a mask whose area is off the neighbours' median by this factor
+    min_seed_coverage: float = 0.85  # reject a mask covering less than this fraction of its fg seed points
+    max_centroid_jump: float = 0.5  # reject when the centroid moves more than this × sqrt(median area)
+    min_area_fraction: float = 0.0005  # reject masks smaller than this fraction of the frame
+    max_leak_fraction: float = 0.1  # reject a first-pass mask with more than this fraction outside the voted hull
+    max_missing_fraction: float = 0.05  # reject a first-pass mask lacking more of the other views' consensus
+    hole_min_radius_px: int = 4  # consensus parts a mask lacks count (and get filled) when this thick
+    # visual hull
+    coarse_resolution: int = 40  # voxels along the longest side of the search box (finds the bounds)
+    hull_resolution: int = 96  # voxels along the longest side of the final hull box
+    hull_max_miss_fraction: float = 0.1  # a voxel survives when at most this fraction of views miss it
+    hull_margin: float = 0.15  # the search box is the detector's 3D box grown by this fraction per side
+    clip_below_floor: bool = True  # carve nothing under the detector's floor plane (the product stands on it)
+    hull_grow_steps: int = 3  # times the search box doubles when the hull touches its border
+    fallback_half_extent: float = 1.0  # search box half-size around the origin without a detector box
+    # refine with the hull
+    band_px: int = 3  # GrabCut decides only within this many pixels of the hull's outline
+    # contact sheet
+    sheet_columns: int = 6  # thumbnails per row
+    sheet_thumb_width: int = 160  # thumbnail width in pixels (height keeps the frame's aspect)
+    sheet_tint: float = 0.35  # opacity of the mask tint on the thumbnails
+
+
+class Segmenter(Protocol):
+    """A first-pass backend: one frame + its detection entry → ``(H, W)`` bool mask."""
+
+    def __call__(self, image: np.ndarray, detection: Mapping[str, Any], settings: Any) -> np.ndarray: ...
+
+
+_REGISTRY: dict[str, tuple[type, Segmenter]] = {}
+
+
+def register_segmenter(name: str, settings_type: type) -> Callable[[Segmenter], Segmenter]:
+    """Decorator: make a first-pass backend selectable as ``segmenter=<name>``."""
+
+    def deco(fn: Segmenter) -> Segmenter:
+        _REGISTRY[name] = (settings_type, fn)
+        return fn
+
+    return deco
+
+
+def get_segmenter(name: str) -> tuple[type, Segmenter]:
+    """The ``(settings dataclass, backend)`` registered as ``name``."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown segmenter {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def segmenter_settings(cfg: Mapping[str, Any]) -> Any:
+    """Build the settings dataclass of the backend named by ``cfg['name']`` from a config dict."""
+    settings_type, _ = get_segmenter(str(cfg.get("name", "cv2")))
+    return settings_type(**cfg)
+
+
+# --------------------------------------------------------------------------- GrabCut
+
+
+def _disc_kernel(radius: int) -> np.ndarray:
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+
+
+def run_grabcut(image: np.ndarray, trimap: np.ndarray, object_px: int, settings: SegmenterSettings) -> np.ndarray:
+    """GrabCut from a ``trimap (H, W)`` of cv2.GC_* labels on ``image (H, W, 3)`` BGR → bool mask.
+
+    Runs on a crop around the undecided region (plus ``crop_margin`` of its size for the colour
+    models) resampled so that region spans about ``object_px`` pixels: small products get
+    sub-pixel outlines, large frames stay fast. Falls back to the trimap's fg labels when GrabCut
+    cannot start (no fg or no bg samples).
+    """
+    h, w = trimap.shape
+    rows, cols = np.nonzero(trimap != cv2.GC_BGD)
+    if len(rows) == 0:
+        return np.zeros((h, w), dtype=bool)
+    y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    pad = int(np.ceil(settings.crop_margin * max(y1 - y0, x1 - x0))) + 2
+    scale = float(np.clip(object_px / max(y1 - y0, x1 - x0), settings.min_work_scale, settings.max_work_scale))
+    y0, y1, x0, x1 = max(y0 - pad, 0), min(y1 + pad, h), max(x0 - pad, 0), min(x1 + pad, w)
+    crop_img, crop_map = image[y0:y1, x0:x1], trimap[y0:y1, x0:x1]
+    size = (max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale)))
+    work_img = cv2.resize(crop_img, size, interpolation=cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA)
+    labels = cv2.resize(crop_map, size, interpolation=cv2.INTER_NEAREST)
+    fg_init = (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
+    bg_init = (labels == cv2.GC_BGD) | (labels == cv2.GC_PR_BGD)
+    if fg_init.any() and bg_init.any():
+        bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+        cv2.grabCut(np.ascontiguousarray(work_img), labels, None, bgd, fgd, settings.grabcut_iterations,
+                    cv2.GC_INIT_WITH_MASK)
+    fg = ((labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)).astype(np.float32)
+    # Back to frame pixels by area averaging: a pixel is product when most of it is.
+    fg = cv2.resize(fg, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA if scale > 1 else cv2.INTER_LINEAR)
+    mask = np.zeros((h, w), dtype=bool)
+    mask[y0:y1, x0:x1] = fg > 0.5
+    return keep_main_components(mask, settings.keep_component_fraction)
+
+
+def keep_main_components(mask: np.ndarray, fraction: float) -> np.ndarray:
+    """Drop connected blobs smaller than ``fraction`` of the largest one (specks of background)."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if count <= 2:
+        return mask
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    keep = np.concatenate([[False], areas >= fraction * areas.max()])
+    return keep[labels]
+
+
+def _mark_points(trimap: np.ndarray, uv: np.ndarray, label: int, radius: int) -> None:
+    """Set discs of ``radius`` around pixel positions ``uv (M, 2)`` to ``label`` (in place)."""
+    if len(uv) == 0:
+        return
+    h, w = trimap.shape
+    dots = np.zeros((h, w), np.uint8)
+    col, row = np.floor(uv[:, 0]).astype(np.intp), np.floor(uv[:, 1]).astype(np.intp)
+    ok = (col >= 0) & (col < w) & (row >= 0) & (row < h)
+    dots[row[ok], col[ok]] = 1
+    trimap[cv2.dilate(dots, _disc_kernel(radius)) > 0] = label
+
+
+def box_trimap(shape: tuple[int, int], detection: Mapping[str, Any], settings: SegmenterSettings) -> np.ndarray:
+    """First-pass trimap ``(H, W)`` uint8 from a detection: box, fg seeds' hull, seeds."""
+    h, w = shape
+    trimap = np.full((h, w), cv2.GC_BGD, np.uint8)
+    box = detection.get("box")
+    if box is None:
+        return trimap
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
+    trimap[max(y0, 0):min(y1, h), max(x0, 0):min(x1, w)] = cv2.GC_PR_BGD
+    fg = np.asarray(detection.get("seeds_fg") or [], dtype=np.float64).reshape(-1, 2)
+    if len(fg) >= 3:
+        region = np.zeros((h, w), np.uint8)
+        cv2.fillConvexPoly(region, cv2.convexHull(np.floor(fg).astype(np.int32)), 1)
+        trimap[(region > 0) & (trimap == cv2.GC_PR_BGD)] = cv2.GC_PR_FGD
+        # Seeds deep inside the seeds' outline are certain; near the outline noise may put them outside.
+        depth = cv2.distanceTransform(region, cv2.DIST_L2, 3)
+        col = np.clip(np.floor(fg[:, 0]).astype(np.intp), 0, w - 1)
+        row = np.clip(np.floor(fg[:, 1]).astype(np.intp), 0, h - 1)
+        _mark_points(trimap, fg[depth[row, col] >= settings.seed_edge_px], cv2.GC_FGD, settings.seed_radius_px)
+    bg = np.asarray(detection.get("seeds_bg") or [], dtype=np.float64).reshape(-1, 2)
+    _mark_points(trimap, bg, cv2.GC_BGD, settings.seed_radius_px)
+    return trimap
+
+
+@register_segmenter("cv2", SegmenterSettings)
+def grabcut_first_pass(image: np.ndarray, detection: Mapping[str, Any], settings: SegmenterSettings) -> np.ndarray:
+    """The weight-free first pass: GrabCut initialised with the detector's box and seeds."""
+    trimap = box_trimap(image.shape[:2], detection, settings)
+    if not (trimap != cv2.GC_BGD).any():
+        return np.zeros(image.shape[:2], dtype=bool)
+    return run_grabcut(image, trimap, settings.first_pass_object_px, settings)
+
+
+def hull_trimap(hull_mask: np.ndarray, first: np.ndarray | None, settings: SegmenterSettings) -> np.ndarray:
+    """Refine trimap ``(H, W)``: certain outside/inside the hull's outline, undecided in a band.
+
+    With a trusted first-pass mask ``first``, certain fg needs both to agree and undecided pixels
+    start from the first pass; without one (rejected frame) the hull alone is the prior.
+    """
+    band = _disc_kernel(settings.band_px)
+    h8 = hull_mask.astype(np.uint8)
+    trimap = np.full(hull_mask.shape, cv2.GC_BGD, np.uint8)
+    trimap[cv2.dilate(h8, band) > 0] = cv2.GC_PR_BGD
+    if first is None:
+        trimap[hull_mask] = cv2.GC_PR_FGD
+        trimap[cv2.erode(h8, _disc_kernel(2 * settings.band_px)) > 0] = cv2.GC_FGD
+    else:
+        trimap[first & (trimap == cv2.GC_PR_BGD)] = cv2.GC_PR_FGD
+        trimap[cv2.erode((h8 & first.astype(np.uint8)), band) > 0] = cv2.GC_FGD
+    return trimap
+
+
+# --------------------------------------------------------------------------- consistency
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """Masks after the consistency step plus the hull they agree with.
+
+    ``masks``: per-frame ``(H, W)`` bool; ``status``: per frame "accepted" | "refined-from-hull" |
+    "merged-with-hull"; ``occupancy (X, Y, Z)`` bool over ``grid_aabb (2, 3)``; ``hull_iou``: IoU of
+    each final mask with the hull's projection; ``first_flags``: why a first-pass mask was rejected.
+    """
+
+    masks: list[np.ndarray]
+    status: list[str]
+    first_flags: list[str]
+    hull_iou: list[float]
+    occupancy: np.ndarray
+    grid_aabb: np.ndarray
+    voxel: float
+    hull_aabb: np.ndarray
+
+
+def seed_coverage(mask: np.ndarray, detection: Mapping[str, Any]) -> float | None:
+    """Fraction of the detection's fg seeds (projected product points) inside ``mask``; None without seeds."""
+    seeds = np.asarray(detection.get("seeds_fg") or [], dtype=np.float64).reshape(-1, 2)
+    if len(seeds) == 0:
+        return None
+    h, w = mask.shape
+    col = np.clip(np.floor(seeds[:, 0]).astype(np.intp), 0, w - 1)
+    row = np.clip(np.floor(seeds[:, 1]).astype(np.intp), 0, h - 1)
+    return float(mask[row, col].mean())
+
+
+def first_pass_outliers(
+    masks: list[np.ndarray], detections: list[Mapping[str, Any]], order: np.ndarray, settings: SegmenterSettings
+) -> list[str]:
+    """Per frame "" or why its first-pass mask is not trusted.
+
+    A mask must cover its own fg seeds (the product's 3D points project inside the true
+    silhouette whatever the view) and must not jump in area or centroid against its
+    ``neighbour_window`` neighbours along ``order`` ``(N,)`` (frame indices in capture order).
+    The area test is loose: a thin product seen edge-on legitimately halves its area in a few degrees.
+    """
+    stats = [geo.area_and_centroid(m) for m in masks]
+    area = np.array([s[0] for s in stats])
+    centroid = np.array([s[1] for s in stats])
+    n_px = np.array([m.size for m in masks], dtype=np.float64)
+    flags = [""] * len(masks)
+    for pos, i in enumerate(order):
+        if area[i] < settings.min_area_fraction:
+            flags[i] = "empty"
+            continue
+        coverage = seed_coverage(masks[i], detections[i])
+        if coverage is not None and coverage < settings.min_seed_coverage:
+            flags[i] = f"covers {coverage:.0%} of its seed points"
+            continue
+        lo, hi = max(0, pos - settings.neighbour_window), min(len(order), pos + settings.neighbour_window + 1)
+        nb = np.array([j for j in order[lo:hi] if j != i and area[j] >= settings.min_area_fraction], dtype=np.intp)
+        if len(nb) == 0:
+            continue
+        med_area = float(np.median(area[nb]))
+        ratio = area[i] / med_area
+        if ratio > settings.max_area_ratio or ratio < 1.0 / settings.max_area_ratio:
+            flags[i] = f"area x{ratio:.2f} vs neighbours"
+            continue
+        jump = float(np.linalg.norm(centroid[i] - np.median(centroid[nb], axis=0)))
+        if jump > settings.max_centroid_jump * np.sqrt(med_area * n_px[i]):
+            flags[i] = f"centroid moved {jump:.1f} px"
+    return flags
+
+
+def carve_hull(views: geo.Views, masks: list[np.ndarray], use: np.ndarray, search_aabb: np.ndarray,
+               floor_z: float | None, settings: SegmenterSettings) -> "Hull":
+    """Coarse-to-fine voting hull (see :class:`Hull`).
+
+    A coarse carve over ``search_aabb`` finds where the product is (the box doubles while the
+    hull touches a side other than the floor); the fine carve covers that region plus one coarse
+    voxel and only tests fine voxels whose coarse cell (or a neighbour) survived. Nothing is
+    carved under ``floor_z`` (the product stands on it; an orbit above cannot bound it from below).
+    """
+    box = np.asarray(search_aabb, dtype=np.float64).copy()
+    if floor_z is not None and settings.clip_below_floor:
+        box[0, 2] = max(box[0, 2], floor_z)
+    for _ in range(settings.hull_grow_steps + 1):
+        centers, shape, coarse_voxel = geo.grid_centers(box, settings.coarse_resolution)
+        coarse = geo.carve(views, masks, use, centers, settings.hull_max_miss_fraction).reshape(shape)
+        contacts = geo.border_contacts(coarse)
+        if floor_z is not None and settings.clip_below_floor:
+            contacts[0, 2] = False  # lying on the floor is expected
+        if not contacts.any():
+            break
+        half = box[1] - box[0]
+        box = np.stack([box[0] - half * contacts[0], box[1] + half * contacts[1]])
+    found = geo.occupied_box(coarse, box, coarse_voxel)
+    if found is None:
+        raise ValueError("the masks agree on no common volume: check the cameras (transforms.json) and the boxes")
+    grid_aabb = np.stack([np.maximum(found[0] - coarse_voxel, box[0]), found[1] + coarse_voxel])
+    centers, shape, voxel = geo.grid_centers(grid_aabb, settings.hull_resolution)
+    near = ndimage.binary_dilation(coarse, structure=np.ones((3, 3, 3), bool))
+    cell = np.clip(np.floor((centers - box[0]) / coarse_voxel).astype(np.intp), 0, np.array(near.shape) - 1)
+    candidate = near[cell[:, 0], cell[:, 1], cell[:, 2]]
+    misses = np.full(len(centers), len(views), dtype=np.int32)  # never tested = missed by all
+    last_miss = np.full(len(centers), -1, dtype=np.int32)
+    seen = np.zeros(len(centers), dtype=np.int32)
+    misses[candidate], last_miss[candidate], seen[candidate] = geo.carve_votes(
+        views, masks, use, centers[candidate], settings.hull_max_miss_fraction)
+    occupancy = geo.voted_occupancy(misses, seen, settings.hull_max_miss_fraction)
+    return Hull(occupancy.reshape(shape), misses.reshape(shape), last_miss.reshape(shape), grid_aabb, voxel)
+
+
+@dataclass(frozen=True)
+class Hull:
+    """A carved hull: voted ``occupancy (X, Y, Z)`` bool over ``grid_aabb (2, 3)``, plus per voxel the
+    number of views that ``misses`` it and the view that missed it last (``last_miss``, -1 for none)."""
+
+    occupancy: np.ndarray
+    misses: np.ndarray
+    last_miss: np.ndarray
+    grid_aabb: np.ndarray
+    voxel: float
+
+
+def hull_silhouettes(views: geo.Views, hull: Hull) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per view ``(H, W)`` bool: the voted hull's projection and the other views' consensus.
+
+    The voted hull survives any single bad mask but is loose (a thin product seen edge-on looks
+    fat). The consensus of view i projects the voxels that every other view keeps: tight, and
+    independent of view i's own mask, so it tells whether mask i misses parts the others agree on.
+    """
+    voted = geo.shell_centers(hull.occupancy, hull.grid_aabb, hull.voxel)
+    strict = hull.occupancy & (hull.misses == 0)
+    strict_shell = geo.shell_centers(strict, hull.grid_aabb, hull.voxel)
+    lo = np.asarray(hull.grid_aabb)[0]
+    loose, consensus = [], []
+    for i in range(len(views)):
+        only_i = np.argwhere((hull.misses == 1) & (hull.last_miss == i))  # voxels only view i rejects
+        extra = (lo + (only_i + 0.5) * hull.voxel).astype(np.float32)
+        loose.append(geo.render_silhouette(views, i, voted, hull.voxel))
+        consensus.append(geo.render_silhouette(views, i, np.concatenate([strict_shell, extra]), hull.voxel))
+    return loose, consensus
+
+
+def coverage(mask: np.ndarray, reference: np.ndarray) -> float:
+    """Fraction of ``reference`` pixels inside ``mask`` (1.0 for an empty reference)."""
+    total = np.count_nonzero(reference)
+    return 1.0 if total == 0 else float(np.count_nonzero(mask & reference) / total)
+
+
+def missing_blobs(mask: np.ndarray, consensus: np.ndarray, settings: SegmenterSettings) -> np.ndarray:
+    """``(H, W)`` bool: solid parts of the others' consensus that ``mask`` lacks (holes, cut-off parts).
+
+    Thin slivers along the outline are dropped by an opening: where view i sees a thin product
+    edge-on, the other views cannot bound it as tightly, and that is no fault of mask i.
+    """
+    lacking = (consensus & ~mask).astype(np.uint8)
+    return cv2.morphologyEx(lacking, cv2.MORPH_OPEN, _disc_kernel(settings.hole_min_radius_px)) > 0
+
+
+def hull_disagreement(mask: np.ndarray, loose: np.ndarray, consensus: np.ndarray, settings: SegmenterSettings) -> str:
+    """"" or why ``mask`` disagrees with the hull: leaks out of the voted hull, or misses the consensus."""
+    leak = 1.0 - coverage(loose, mask)
+    if leak > settings.max_leak_fraction:
+        return f"{leak:.0%} outside the hull"
+    missing = np.count_nonzero(missing_blobs(mask, consensus, settings)) / max(np.count_nonzero(consensus), 1)
+    if missing > settings.max_missing_fraction:
+        return f"misses {missing:.0%} of the other views' consensus"
+    return ""
+
+
+def reconcile_masks(
+    views: geo.Views,
+    images: list[np.ndarray],
+    first: list[np.ndarray],
+    detections: list[Mapping[str, Any]],
+    search_aabb: np.ndarray,
+    floor_z: float | None,
+    settings: SegmenterSettings,
+) -> Reconciled:
+    """Make first-pass masks agree across views; see the module doc (steps 2-3).
+
+    ``images``: per-frame ``(H, W, 3)`` BGR; ``first``: per-frame ``(H, W)`` bool first-pass masks;
+    ``detections``: per-frame entries of boxes.json (their ``seeds_fg`` check the masks);
+    ``search_aabb (2, 3)``: where to look for the product in the normalised world; ``floor_z``: the
+    floor's height under it (None when unknown).
+    """
+    order = np.argsort(np.array(views.file_paths), kind="stable")
+    flags = first_pass_outliers(first, detections, order, settings)
+    use = np.array([f == "" for f in flags])
+    if use.sum() < 2:
+        raise ValueError(
+            f"only {int(use.sum())} of {len(first)} first-pass masks look consistent; the detector's boxes "
+            "are probably wrong: look at boxes.json and the contact sheet"
+        )
+    hull = carve_hull(views, first, use, search_aabb, floor_z, settings)
+    loose, consensus = hull_silhouettes(views, hull)
+    why = [hull_disagreement(first[i], loose[i], consensus[i], settings) if use[i] else "" for i in range(len(first))]
+    if any(why) and use.sum() - sum(map(bool, why)) >= 2:
+        for i in np.flatnonzero(why):
+            flags[i] = why[i]
+        use &= ~np.array([bool(w) for w in why])
+        hull = carve_hull(views, first, use, search_aabb, floor_z, settings)
+        loose, consensus = hull_silhouettes(views, hull)
+
+    masks, status, ious = [], [], []
+    for i, image in enumerate(images):
+        trusted = first[i] if use[i] else None
+        refined = run_grabcut(image, hull_trimap(loose[i], trusted, settings), settings.refine_object_px, settings)
+        holes = missing_blobs(refined, consensus[i], settings)
+        if holes.any():
+            # Fill in what every other view agrees on: one bad frame cannot cut a hole.
+            refined, state = refined | holes, "merged-with-hull"
+        else:
+            state = "accepted" if use[i] else "refined-from-hull"
+        masks.append(refined)
+        status.append(state)
+        ious.append(geo.mask_iou(refined, loose[i]))
+    # The published hull is carved again from the final masks (tighter than the first-pass one).
+    hull = carve_hull(views, masks, np.ones(len(masks), bool), search_aabb, floor_z, settings)
+    hull_aabb = geo.occupied_box(hull.occupancy, hull.grid_aabb, hull.voxel)
+    return Reconciled(masks, status, flags, ious, hull.occupancy, hull.grid_aabb, hull.voxel, hull_aabb)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def read_image(path: Path) -> np.ndarray:
+    """A frame as ``(H, W, 3)`` uint8 BGR; a clear error when it is missing or unreadable."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise FileNotFoundError(f"frame {path} is missing or not an image: rerun the frames stage")
+    return image
+
+
+def segment_product(
+    rig: CameraRig, detections: Detections, out_dir: Path, settings: Any, fingerprint: str
+) -> MaskSet:
+    """Segment every frame of ``rig`` with the backend named by ``settings.name``; write the MaskSet."""
+    rig.check()
+    detections.check()
+    _, backend = get_segmenter(settings.name)
+    views = geo.load_views(rig.transforms)
+    boxes = json.loads(Path(detections.boxes).read_text())
+    by_path = {f["file_path"]: f for f in boxes.get("frames", [])}
+    missing = [p for p in views.file_paths if p not in by_path]
+    if missing:
+        raise ValueError(f"{detections.boxes} has no entry for {len(missing)} frames (e.g. {missing[0]}): "
+                         "rerun the detect stage on this CameraRig")
+    images = [read_image(p) for p in views.images]
+    for path, image, (w, h) in zip(views.images, images, views.sizes):
+        if image.shape[:2] != (h, w):
+            raise ValueError(f"{path} is {image.shape[1]}x{image.shape[0]} but transforms.json says {w}x{h}")
+    first = [backend(image, by_path[p], settings) for image, p in zip(images, views.file_paths)]
+    if boxes.get("aabb") is not None:
+        aabb = np.asarray(boxes["aabb"], dtype=np.float64)
+        pad = settings.hull_margin * (aabb[1] - aabb[0])
+        search = np.stack([aabb[0] - pad, aabb[1] + pad])
+    else:
+        search = np.array([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]) * settings.fallback_half_extent
+    result = reconcile_masks(views, images, first, [by_path[p] for p in views.file_paths], search, boxes.get("floor_z"), settings)
+    out_dir = Path(out_dir)
+    paths = write_outputs(out_dir, views, images, result, settings)
+    return MaskSet(dir=out_dir, fingerprint=fingerprint, **paths)
