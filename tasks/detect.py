@@ -277,4 +277,7 @@ def detect_geometric(rig: CameraRig, views: Views, settings: DetectorSettings, q
     outside = ~np.all((points >= aabb[0]) & (points <= aabb[1]), axis=1)
     rng = np.random.default_rng(settings.seed)
     frames = [frame_detection(views, i, aabb, cluster, points[outside], settings, rng) for i in range(len(views))]
-    return DetectionResult(frames=frames, aabb=aabb, floor_z=floor_z, extra={"product_points": int(len(cluster))})
+    # The lowest observed product point: where the base is when no floor was seen (plain backdrop).
+    base_z = float(np.percentile(cluster[:, 2], settings.extent_percentile))
+    extra = {"product_points": int(len(cluster)), "base_z": base_z}
+    return DetectionResult(frames=frames, aabb=aabb, floor_z=floor_z, extra=extra)

@@ -106,3 +106,27 @@ def turntable_preview(glb: Path, out_png: Path, views: int = 8, size: int = 256)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(frames, axis=1)).save(out_png)
     return out_png
+
+
+def render_preview_in_subprocess(glb: Path, out_png: Path, timeout_s: float = 300.0) -> Path:
+    """``turntable_preview`` in a child process.
+
+    Mesa's software OpenGL exports its LLVM symbols process-wide; a library with its own LLVM
+    loaded afterwards (triton, which torch imports on the first optimizer step) then crashes
+    while loading. A worker that trains product after product must keep OpenGL out of its
+    own process.
+    """
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "tasks.mesh_preview", str(glb), str(out_png)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    if done.returncode != 0 or not Path(out_png).exists():
+        raise RuntimeError(f"preview renderer exited with {done.returncode}: {done.stderr.strip()[-500:]}")
+    return Path(out_png)
+
+
+if __name__ == "__main__":
+    import sys
+
+    turntable_preview(Path(sys.argv[1]), Path(sys.argv[2]))

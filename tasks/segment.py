@@ -62,6 +62,7 @@ class SegmenterSettings:
     hull_max_miss_fraction: float = 0.1  # a voxel survives when at most this fraction of views miss it
     hull_margin: float = 0.15  # the search box is the detector's 3D box grown by this fraction per side
     clip_below_floor: bool = True  # carve nothing under the detector's floor plane (the product stands on it)
+    base_from_points: bool = True  # no floor seen: treat the lowest product point as the base (cameras above cannot bound it)
     hull_grow_steps: int = 3  # times the search box doubles when the hull touches its border
     fallback_half_extent: float = 1.0  # search box half-size around the origin without a detector box
     # refine with the hull
@@ -477,7 +478,13 @@ def segment_product(
         search = np.stack([aabb[0] - pad, aabb[1] + pad])
     else:
         search = np.array([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]) * settings.fallback_half_extent
-    result = reconcile_masks(views, images, first, [by_path[p] for p in views.file_paths], search, boxes.get("floor_z"), settings)
+    floor_z = boxes.get("floor_z")
+    if floor_z is None and settings.base_from_points:
+        # An orbit from above never sees under the product; without a floor plane, its lowest
+        # observed surface point is the best bound for the base.
+        floor_z = boxes.get("base_z")
+    detections_of = [by_path[p] for p in views.file_paths]
+    result = reconcile_masks(views, images, first, detections_of, search, floor_z, settings)
     out_dir = Path(out_dir)
     paths = write_outputs(out_dir, views, images, result, settings)
     return MaskSet(dir=out_dir, fingerprint=fingerprint, **paths)

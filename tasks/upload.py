@@ -19,8 +19,11 @@ def model_prefix(unique_id: str) -> str:
     return f"models/{check_unique_id(unique_id)}"
 
 
-def publish_model(shards: ShardSet, store: ProductStore, unique_id: str, fingerprint: str) -> Publication:
-    """Upload every part listed in the manifest, then the manifest."""
+def publish_model(
+    shards: ShardSet, store: ProductStore, unique_id: str, out_dir: Path, fingerprint: str
+) -> Publication:
+    """Upload every part listed in the manifest, then the manifest; note what went where
+    in ``out_dir/published.json``."""
     prefix = model_prefix(unique_id)
     manifest_path = Path(shards.manifests[0])
     manifest = json.loads(manifest_path.read_text())
@@ -32,4 +35,6 @@ def publish_model(shards: ShardSet, store: ProductStore, unique_id: str, fingerp
             keys.append(key)
     manifest_key = f"{prefix}/{MANIFEST_NAME}"
     store.put_object(manifest_key, manifest_path, content_type(manifest_path))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "published.json").write_text(json.dumps({"manifest": manifest_key, "parts": keys}, indent=1))
     return Publication(unique_id=unique_id, manifest_key=manifest_key, object_keys=tuple(keys), fingerprint=fingerprint)

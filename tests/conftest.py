@@ -5,6 +5,15 @@ import os
 # Ground-truth turntables render with Mesa's software OpenGL: no display, no GPU.
 os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
 
+# Mesa's llvmpipe exports its LLVM symbols process-wide once a test renders; triton (which
+# torch imports on the first optimizer step) then crashes while loading its own LLVM. Tests
+# render and train in one process, so triton is loaded first. (The pipeline itself renders
+# previews in a child process: tasks/mesh_preview.py.)
+try:
+    import torch._dynamo  # noqa: F401
+except ImportError:  # pragma: no cover - torch is a hard dependency
+    pass
+
 import pytest
 
 

@@ -25,7 +25,10 @@ class RadianceField(Protocol):
         """Volume density ``sigma >= 0``. points ``[N, 3]`` → ``[N]``."""
 
     def color(self, points: Tensor, directions: Tensor) -> Tensor:
-        """Linear RGB in 0..1 seen along unit ``directions``. ``[N, 3], [N, 3]`` → ``[N, 3]``."""
+        """RGB in 0..1, in the training images' colour space (sRGB), seen along unit ``directions``.
+
+        ``[N, 3], [N, 3]`` → ``[N, 3]``.
+        """
 
     def render(self, c2w: Tensor, intrinsics: Tensor, width: int, height: int) -> dict[str, Tensor]:
         """Render one view.

@@ -1,0 +1,128 @@
+"""The ``korokoro`` command: a subcommand followed by Hydra overrides.
+
+    korokoro run video=path/to/mug.mp4 name="red mug" profile=cpu nerf.steps=500
+    korokoro --multirun run video=mug.mp4 name=mug nerf.steps=500,1000
+    korokoro add video=mug.mp4 name="red mug"      # queue it only
+    korokoro queue                                  # process the queue until it is empty
+    korokoro list                                   # the products table
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+COMMANDS = ("run", "add", "queue", "list")
+CONF_DIR = Path(os.environ.get("KOROKORO_CONF", Path(__file__).resolve().parent.parent / "conf"))
+
+
+class UsageError(SystemExit):
+    def __init__(self, message: str) -> None:
+        super().__init__(f"korokoro: {message}\n\n{__doc__}")
+
+
+def _prepare_prefect(cfg: dict[str, Any]) -> None:
+    """Keep Prefect's results under data_dir, before Prefect is imported."""
+    data = Path(cfg["data_dir"])
+    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(data / "prefect" / "results"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    if os.environ.get("PREFECT_API_URL") == "":
+        # An empty API URL breaks Prefect's ephemeral mode (shared/NOTES.md).
+        del os.environ["PREFECT_API_URL"]
+
+
+def _enqueue(cfg: dict[str, Any]):
+    from tasks.fingerprint import hash_file
+    from tasks.storage import open_store
+
+    if not cfg.get("video"):
+        raise UsageError("give the product's video: video=path/to/video.mp4")
+    video = Path(cfg["video"]).expanduser()
+    if not video.is_file():
+        raise UsageError(f"video {video} does not exist")
+    title = cfg.get("name") or video.stem
+    uid = cfg.get("unique_id") or hash_file(video)[:16]
+    store = open_store(cfg["storage"])
+    product = store.enqueue(str(title), str(cfg.get("category") or "others"), video, str(uid))
+    print(f"queued {product.unique_id} ({product.title!r}) from {video}")
+    return product
+
+
+def cmd_run(cfg: dict[str, Any]) -> int:
+    from flows.reconstruct import reconstruct_and_report
+
+    product = _enqueue(cfg)
+    result = reconstruct_and_report(product.unique_id, config=cfg)
+    print()
+    print(f"product {result.unique_id}: {result.status}" + (f" — {result.error}" if result.error else ""))
+    if result.status == "DONE":
+        print(f"  GLB:      {result.glb}")
+        print(f"  OBJ:      {result.obj}")
+        print(f"  shards:   {result.shards_dir}")
+        print(f"  manifest: {result.manifest_key} (in {cfg['storage']['root']})")
+    print(f"  report:   {result.report}")
+    return 0 if result.status == "DONE" else 1
+
+
+def cmd_add(cfg: dict[str, Any]) -> int:
+    _enqueue(cfg)
+    return 0
+
+
+def cmd_queue(cfg: dict[str, Any]) -> int:
+    from flows.queue import process_queue
+
+    results = process_queue(config=cfg)
+    done = sum(r.status == "DONE" for r in results)
+    print(f"processed {len(results)} products: {done} DONE, {len(results) - done} FAILED")
+    return 0
+
+
+def cmd_list(cfg: dict[str, Any]) -> int:
+    from tasks.storage import open_store
+
+    products = open_store(cfg["storage"]).list_products()
+    print(f"{'unique_id':18} {'status':10} {'tries':>5}  title / error")
+    for p in products:
+        print(f"{p.unique_id:18} {p.status:10} {p.attempts:>5}  {p.title}" + (f" — {p.error}" if p.error else ""))
+    return 0
+
+
+HANDLERS: dict[str, Callable[[dict[str, Any]], int]] = {
+    "run": cmd_run,
+    "add": cmd_add,
+    "queue": cmd_queue,
+    "list": cmd_list,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in args if a in COMMANDS), None)
+    if command is None:
+        raise UsageError("missing command: one of " + ", ".join(COMMANDS))
+    args.remove(command)
+
+    import hydra
+    from omegaconf import DictConfig
+
+    from flows.config import to_plain
+
+    codes: list[int] = []
+
+    def job(cfg: DictConfig) -> None:
+        plain = to_plain(cfg)
+        _prepare_prefect(plain)
+        codes.append(HANDLERS[command](plain))
+
+    sys.argv = [sys.argv[0], *args]
+    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(job)()
+    sys.exit(max(codes, default=0))
+
+
+if __name__ == "__main__":
+    main()
