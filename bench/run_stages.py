@@ -1,0 +1,134 @@
+"""Time every stage on a rendered turntable and measure quality against its truth.
+
+    python -m bench.run_stages --turntable sample/basket --out bench-out/basket --profile cpu
+    python -m bench.run_stages --turntable DIR --frames DIR/frames --profile gpu   # frames made elsewhere
+
+Runs the stage functions directly (no Prefect: the figures are the stages' own cost) in one
+process, prints a table and writes ``results.json`` + ``results.md`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+from bench import quality
+from flows.config import compose_config
+from tasks import colmap, detect, mesh, segment, shard, train
+from tasks.types import FrameSet, VideoInput
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _gpu_peak_mb() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
+def _timed(rows: list[dict[str, Any]], name: str, fn: Callable[[], Any]) -> Any:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    rows.append({"stage": name, "seconds": round(time.perf_counter() - start, 2), "peak_rss_mb": round(_peak_rss_mb()),
+                 "peak_gpu_mb": None if _gpu_peak_mb() is None else round(_gpu_peak_mb())})
+    print(f"  {name:8} {rows[-1]['seconds']:8.2f} s", flush=True)
+    return result
+
+
+def existing_frames(folder: Path) -> FrameSet:
+    """A frames folder made earlier by the frames stage (``frames.json`` + images)."""
+    index = json.loads((folder / "frames.json").read_text())
+    first = index["frames"][0]
+    return FrameSet(folder, folder / "frames.json", len(index["frames"]), first["width"], first["height"], "pre")
+
+
+def run(turntable: Path, out: Path, overrides: list[str], frames_dir: Path | None) -> dict[str, Any]:
+    cfg = compose_config(overrides)
+    truth = turntable / "truth"
+    rows: list[dict[str, Any]] = []
+    out.mkdir(parents=True, exist_ok=True)
+    if frames_dir is None:
+        from tasks import frames  # PyAV: only where the video is decoded here
+
+        video = VideoInput("bench", "bench", "others", turntable / "video.mp4", "-", 0, "bench")
+        stills = _timed(rows, "frames", lambda: frames.extract_frames(
+            video, out / "frames", frames.FrameSettings(**cfg["frames"]), "f"))
+    else:
+        stills = existing_frames(frames_dir)
+    rig = _timed(rows, "colmap", lambda: colmap.solve_cameras(
+        stills, out / "colmap", colmap.ColmapSettings(**cfg["colmap"]), "c"))
+    boxes = _timed(rows, "detect", lambda: detect.detect_product(
+        rig, out / "detect", detect.detector_settings(cfg["detector"]), "d"))
+    masks = _timed(rows, "segment", lambda: segment.segment_product(
+        rig, boxes, out / "segment", segment.segmenter_settings(cfg["segmenter"]), "s"))
+    field = _timed(rows, "train", lambda: train.train_field(masks, out / "train", cfg["nerf"], "t"))
+    device = "cuda" if cfg["nerf"].get("device") == "cuda" else "cpu"
+    asset = _timed(rows, "mesh", lambda: mesh.extract_mesh(
+        field, masks, out / "mesh", mesh.MeshSettings(**cfg["mesh"]), "m", device=device))
+    _timed(rows, "shard", lambda: shard.shard_assets(asset, "bench", out / "shard", cfg["storage"]["part_bytes"], "h"))
+
+    figures: dict[str, Any] = {}
+    figures.update(quality.camera_quality(stills.index, rig.transforms, truth))
+    figures.update(quality.mask_quality(stills.index, masks.transforms, truth))
+    train_metrics = json.loads(field.metrics.read_text())
+    figures["psnr_holdout_object"] = train_metrics.get("extra", {}).get("psnr_holdout_object")
+    figures["train_steps"] = train_metrics.get("steps")
+    estimate = quality.glb_in_truth_frame(asset.glb, stills.index, rig.transforms, truth)
+    figures.update(quality.geometry_quality(estimate, truth / "mesh.ply"))
+    figures["triangles"] = asset.triangles
+    figures["glb_bytes"] = Path(asset.glb).stat().st_size
+    figures["frames_size"] = f"{stills.width}x{stills.height}"
+
+    import torch
+
+    result = {
+        "turntable": str(turntable),
+        "overrides": overrides,
+        "machine": {
+            "cpu_count": __import__("os").cpu_count(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "stages": rows,
+        "total_seconds": round(sum(r["seconds"] for r in rows), 2),
+        "quality": figures,
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    lines = ["| stage | seconds | peak RSS MB | peak GPU MB |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['stage']} | {r['seconds']} | {r['peak_rss_mb']} | {r['peak_gpu_mb'] or '-'} |" for r in rows]
+    lines += [f"| **total** | **{result['total_seconds']}** | | |", "", "| figure | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in figures.items()]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--turntable", type=Path, required=True, help="folder with video.mp4 and truth/")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--frames", type=Path, default=None, help="use frames extracted earlier")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. nerf.steps=2000")
+    args = parser.parse_args()
+    run(args.turntable, args.out, [f"profile={args.profile}", *args.overrides], args.frames)
+
+
+if __name__ == "__main__":
+    main()
