@@ -1,0 +1,181 @@
+"""The products queue on plain PostgreSQL, through the SQL functions of
+``infra/supabase/001_products_queue.sql`` (the same ones the Supabase backend calls over HTTP).
+
+:class:`PostgresStore` pairs that queue with a folder bucket (the local backend's), for a
+self-hosted PostgreSQL and for tests of the SQL. It is not registered with ``open_store``
+(``StorageSettings`` has no DSN field); construct it directly. Needs ``psycopg`` (v3).
+
+:func:`product_from_row` turns a row (from psycopg or from PostgREST's JSON) into a
+:class:`~tasks.types.Product`; the Supabase backend uses it too.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+from tasks.storage.base import (
+    ProductNotFound,
+    StorageSettings,
+    StoreError,
+    check_object_key,
+    check_unique_id,
+    safe_file_name,
+)
+from tasks.storage.local import LocalStore
+from tasks.types import Product
+
+_PRODUCT_FIELDS = (
+    "unique_id", "title", "category", "video_link", "status", "error", "attempts", "model_manifest",
+    "claimed_by", "claimed_at", "created_at", "updated_at",
+)
+_TIMES = ("claimed_at", "created_at", "updated_at")
+
+
+def _epoch(value: Any) -> float | None:
+    """timestamptz (datetime, or PostgREST's ISO text) → seconds since the epoch."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.timezone.utc)
+        return value.timestamp()
+    raise StoreError(f"unexpected timestamp {value!r} in a products row")
+
+
+def product_from_row(row: Mapping[str, Any]) -> Product:
+    """A products row (any extra seed columns ignored) as a :class:`Product`."""
+    values = {k: row.get(k) for k in _PRODUCT_FIELDS}
+    for k in _TIMES:
+        values[k] = _epoch(values[k])
+    values["status"] = str(values["status"]) if values["status"] is not None else "IDLE"
+    values["attempts"] = int(values["attempts"] or 0)
+    values["title"] = values["title"] or ""
+    values["category"] = values["category"] or "others"
+    values["video_link"] = values["video_link"] or ""
+    return Product(**values)
+
+
+def lease_text(lease_s: float) -> str:
+    """A lease in seconds as PostgreSQL interval text (negative = already expired)."""
+    return f"{float(lease_s):.3f} seconds"
+
+
+class PostgresQueue:
+    """Queue methods of :class:`~tasks.storage.base.ProductStore` over psycopg. One short
+    connection per call (thread- and fork-safe); every call is one atomic SQL function call."""
+
+    def __init__(self, dsn: str) -> None:
+        try:
+            import psycopg  # noqa: F401
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise StoreError('the PostgreSQL queue needs psycopg: pip install "psycopg[binary]"') from exc
+        self.dsn = dsn
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(<dsn hidden>)"
+
+    def _run(self, what: str, sql: str, params: Mapping[str, Any] | tuple = ()) -> list[dict[str, Any]]:
+        import psycopg
+        from psycopg.rows import dict_row
+
+        err: StoreError | None = None
+        try:
+            with psycopg.connect(self.dsn, autocommit=True, row_factory=dict_row, connect_timeout=10) as conn:
+                return conn.execute(sql, params).fetchall()
+        except psycopg.errors.NoDataFound as exc:
+            err = ProductNotFound(exc.diag.message_primary or f"{what}: not found")
+        except psycopg.errors.RaiseException as exc:  # P0001
+            err = StoreError(exc.diag.message_primary or str(exc))
+        except psycopg.Error as exc:
+            primary = getattr(exc.diag, "message_primary", None) or type(exc).__name__
+            err = StoreError(f"{what} failed: {primary} (SQLSTATE {exc.sqlstate})")
+        raise err
+
+    def _one(self, rows: list[dict[str, Any]], uid: str) -> Product:
+        if not rows:
+            raise ProductNotFound(f"no product with unique_id {uid!r} in the products table")
+        return product_from_row(rows[0])
+
+    def enqueue_row(self, unique_id: str, title: str, category: str, video_link: str) -> Product:
+        rows = self._run(
+            "enqueue",
+            "SELECT * FROM public.enqueue_product(uid => %s, title => %s, category => %s, video_link => %s)",
+            (check_unique_id(unique_id), title, category, video_link),
+        )
+        return self._one(rows, unique_id)
+
+    def get(self, unique_id: str) -> Product:
+        uid = check_unique_id(unique_id)
+        return self._one(self._run("get", "SELECT * FROM public.products WHERE unique_id = %s", (uid,)), uid)
+
+    def list_products(self, status: str | None = None) -> list[Product]:
+        if status is None:
+            rows = self._run("list", "SELECT * FROM public.products ORDER BY created_at, unique_id")
+        else:
+            rows = self._run(
+                "list", "SELECT * FROM public.products WHERE status = %s ORDER BY created_at, unique_id", (status,)
+            )
+        return [product_from_row(r) for r in rows]
+
+    def claim_next(self, worker: str, lease_s: float, max_attempts: int) -> Product | None:
+        rows = self._run(
+            "claim_next",
+            "SELECT * FROM public.claim_next_product(worker => %s, lease => %s::interval, max_attempts => %s)",
+            (worker, lease_text(lease_s), int(max_attempts)),
+        )
+        return product_from_row(rows[0]) if rows else None
+
+    def claim(self, unique_id: str, worker: str, lease_s: float) -> Product:
+        uid = check_unique_id(unique_id)
+        rows = self._run(
+            "claim",
+            "SELECT * FROM public.claim_product(uid => %s, worker => %s, lease => %s::interval)",
+            (uid, worker, lease_text(lease_s)),
+        )
+        return self._one(rows, uid)
+
+    def _mark_done_row(self, unique_id: str, manifest_key: str) -> Product:
+        uid = check_unique_id(unique_id)
+        rows = self._run(
+            "mark_done", "SELECT * FROM public.mark_product_done(uid => %s, manifest => %s)", (uid, manifest_key)
+        )
+        return self._one(rows, uid)
+
+    def mark_failed(self, unique_id: str, reason: str) -> Product:
+        uid = check_unique_id(unique_id)
+        rows = self._run(
+            "mark_failed", "SELECT * FROM public.mark_product_failed(uid => %s, reason => %s)", (uid, reason[:2000])
+        )
+        return self._one(rows, uid)
+
+
+class PostgresStore(PostgresQueue, LocalStore):
+    """PostgreSQL queue + the local backend's folder bucket under ``settings.root``."""
+
+    def __init__(self, settings: StorageSettings, dsn: str) -> None:
+        PostgresQueue.__init__(self, dsn)
+        # The folder bucket only: no SQLite file is created.
+        self.settings = settings
+        self.root = Path(settings.root).expanduser().resolve()
+        self.bucket = self.root / settings.bucket
+        self.bucket.mkdir(parents=True, exist_ok=True)
+
+    def enqueue(self, title: str, category: str, video: Path, unique_id: str | None = None) -> Product:
+        video = Path(video)
+        if not video.is_file():
+            raise StoreError(f"video {video} does not exist or is not a file")
+        uid = check_unique_id(unique_id or uuid.uuid4().hex[:16])
+        key = f"videos/{uid}/{safe_file_name(video.name)}"
+        self.put_object(key, video, "video/mp4")
+        return self.enqueue_row(uid, title, category, key)
+
+    def mark_done(self, unique_id: str, manifest_key: str) -> Product:
+        check_object_key(manifest_key)
+        if not self.object_exists(manifest_key):
+            raise StoreError(f"cannot mark {unique_id} DONE: manifest {manifest_key} is not in the bucket")
+        return self._mark_done_row(unique_id, manifest_key)

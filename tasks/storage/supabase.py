@@ -1,0 +1,411 @@
+"""The Supabase backend: the ``products`` table as the queue, a Storage bucket for objects.
+
+Queue operations are single calls of the SQL functions in
+``infra/supabase/001_products_queue.sql`` (``client.rpc(...)``), so claims are atomic on the
+server (``FOR UPDATE SKIP LOCKED``) whatever the number of workers. Objects go through
+supabase-py's storage client (upserts); large downloads are streamed with httpx.
+
+Credentials come from the environment only: ``SUPABASE_URL`` and ``SUPABASE_SERVICE_KEY`` (the
+service role key: workers must write rows and objects that anon may only read). The key never
+appears in a repr, a log line or an exception message: client errors are re-raised as
+:class:`~tasks.storage.base.StoreError` with the key scrubbed and the original exception dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import mimetypes
+import os
+import re
+import tempfile
+import urllib.parse
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Mapping, TypeVar
+
+import httpx
+
+from tasks.storage.base import (
+    ProductNotFound,
+    StorageSettings,
+    StoreError,
+    check_object_key,
+    check_unique_id,
+    register_store,
+    safe_file_name,
+)
+from tasks.storage.postgres_queue import lease_text, product_from_row
+from tasks.types import Product
+
+log = logging.getLogger(__name__)
+
+ENV_URL = "SUPABASE_URL"
+ENV_KEY = "SUPABASE_SERVICE_KEY"
+TABLE = "products"
+_COLUMNS = (
+    "unique_id,title,category,video_link,status,error,attempts,model_manifest,"
+    "claimed_by,claimed_at,created_at,updated_at"
+)
+_PAGE = 1000  # Supabase's default PostgREST max-rows
+# Short CDN cache: parts keep their names when a model is re-published.
+_CACHE_CONTROL = "60"
+_LOOPBACK = {"localhost", "127.0.0.1", "::1"}
+# Anything that looks like a Supabase key, even one we were not given (defence in depth).
+_KEYLIKE = re.compile(r"(sb_(secret|publishable)_[A-Za-z0-9_-]{8,}|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,})")
+T = TypeVar("T")
+
+
+class _Scrubber:
+    def __init__(self, secret: str) -> None:
+        self._secret = secret
+
+    def __call__(self, text: str) -> str:
+        if self._secret:
+            text = text.replace(self._secret, "***")
+            text = text.replace(urllib.parse.quote(self._secret, safe=""), "***")
+        return _KEYLIKE.sub("***", text)
+
+    def __repr__(self) -> str:
+        return "_Scrubber(***)"
+
+
+def _display_url(url: str) -> str:
+    """A URL for messages: no query string (signed URLs carry tokens), no user info."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n >= 10 * 2**20 else f"{n / 2**20:.1f} MiB"
+
+
+def _lenient_key(key: str) -> str:
+    """A bucket path written by someone else (the seed's ``public/<file name>``): any characters
+    but no empty, '.' or '..' segment, no backslash, no control character."""
+    segments = key.split("/")
+    if (
+        not key
+        or any(s in ("", ".", "..") for s in segments)
+        or "\\" in key
+        or any(ord(c) < 32 or ord(c) == 127 for c in key)
+    ):
+        raise StoreError(f"invalid video path {key!r} in the products table")
+    return key
+
+
+class SupabaseStore:
+    """:class:`~tasks.storage.base.ProductStore` on Supabase (PostgREST RPC + Storage)."""
+
+    def __init__(
+        self,
+        settings: StorageSettings,
+        *,
+        environ: Mapping[str, str] | None = None,
+        http_client: httpx.Client | None = None,
+    ) -> None:
+        """``environ`` (default ``os.environ``) supplies the URL and key; ``http_client`` lets
+        tests inject a transport. Both are for tests and embedding; flows use ``open_store``."""
+        env = os.environ if environ is None else environ
+        url = (env.get(ENV_URL) or "").strip().rstrip("/")
+        key = (env.get(ENV_KEY) or "").strip()
+        if not url:
+            raise StoreError(f"storage backend 'supabase' needs {ENV_URL} (https://<project>.supabase.co) in the environment")
+        if not key:
+            raise StoreError(
+                f"storage backend 'supabase' needs {ENV_KEY} in the environment: the project's service role "
+                "(secret) key, not the anon key"
+            )
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme != "https" and not (parsed.scheme == "http" and parsed.hostname in _LOOPBACK):
+            raise StoreError(
+                f"{ENV_URL} must be an https URL (http only for a local Supabase on localhost), got {_display_url(url)}"
+            )
+        self.settings = settings
+        self.url = url
+        self.bucket_name = settings.bucket
+        self._scrub = _Scrubber(key)
+        self._host = parsed.hostname
+        # Our own client, with no default headers: supabase-py adds the key per request, and
+        # foreign video URLs are fetched with it too (so they never see the key).
+        self._http = http_client or httpx.Client(
+            timeout=httpx.Timeout(60.0, connect=10.0), follow_redirects=False
+        )
+        self._client = self._guard("connect to Supabase", lambda: self._make_client(url, key))
+
+    def _make_client(self, url: str, key: str) -> Any:
+        from supabase import ClientOptions, create_client
+
+        options = ClientOptions(
+            httpx_client=self._http,
+            auto_refresh_token=False,
+            persist_session=False,
+        )
+        return create_client(url, key, options)
+
+    # -- safety ---------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return f"SupabaseStore(url={self.url!r}, bucket={self.bucket_name!r})"
+
+    def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        # Pickles (Prefect parameters, process pools) carry the settings only, never the key:
+        # the receiving process reads its own environment.
+        return (SupabaseStore, (self.settings,))
+
+    def _translate(self, what: str, exc: BaseException) -> StoreError:
+        from postgrest.exceptions import APIError
+        from storage3.exceptions import StorageApiError
+
+        if isinstance(exc, StoreError):
+            return type(exc)(self._scrub(str(exc)))
+        if isinstance(exc, APIError):
+            detail = exc.message or "no message"
+            if exc.code == "P0002":
+                return ProductNotFound(self._scrub(detail))
+            if exc.code in ("P0001", "55P03", "22023"):
+                return StoreError(self._scrub(detail))
+            extra = f"; hint: {exc.hint}" if exc.hint else ""
+            return StoreError(self._scrub(f"{what} failed: {detail} (code {exc.code}){extra}"))
+        if isinstance(exc, StorageApiError):
+            return StoreError(self._scrub(f"{what} failed: {exc.message} (storage {exc.code}, status {exc.status})"))
+        if isinstance(exc, httpx.HTTPError):
+            where = ""
+            try:
+                where = f" ({exc.request.method} {_display_url(str(exc.request.url))})"
+            except RuntimeError:
+                pass
+            return StoreError(self._scrub(f"{what} failed: {type(exc).__name__}: {exc}{where}"))
+        return StoreError(self._scrub(f"{what} failed: {type(exc).__name__}: {exc}"))
+
+    def _guard(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn``; re-raise any failure as a scrubbed StoreError *outside* the except
+        block, so the original exception (which may hold headers) is not chained."""
+        try:
+            return fn()
+        except BaseException as exc:  # noqa: BLE001
+            if not isinstance(exc, Exception):
+                raise
+            err = self._translate(what, exc)
+        raise err
+
+    def _auth_headers(self) -> dict[str, str]:
+        headers = self._client.options.headers
+        return {k: v for k, v in headers.items() if k.lower() in ("apikey", "authorization")}
+
+    def _rpc(self, what: str, fn: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        def call() -> list[dict[str, Any]]:
+            data = self._client.rpc(fn, params).execute().data
+            if data is None:
+                return []
+            return data if isinstance(data, list) else [data]
+
+        return self._guard(what, call)
+
+    @staticmethod
+    def _one(rows: list[dict[str, Any]], uid: str) -> Product:
+        if not rows:
+            raise ProductNotFound(f"no product with unique_id {uid!r} in the Supabase table {TABLE}")
+        return product_from_row(rows[0])
+
+    # -- queue ------------------------------------------------------------------------------
+    def enqueue(self, title: str, category: str, video: Path, unique_id: str | None = None) -> Product:
+        video = Path(video)
+        if not video.is_file():
+            raise StoreError(f"video {video} does not exist or is not a file")
+        uid = check_unique_id(unique_id or uuid.uuid4().hex[:16])
+        key = f"videos/{uid}/{safe_file_name(video.name)}"
+        self.put_object(key, video, mimetypes.guess_type(video.name)[0] or "video/mp4")
+        rows = self._rpc(
+            f"enqueue {uid}", "enqueue_product",
+            {"uid": uid, "title": title, "category": category, "video_link": key},
+        )
+        return self._one(rows, uid)
+
+    def get(self, unique_id: str) -> Product:
+        uid = check_unique_id(unique_id)
+        rows = self._guard(
+            f"read product {uid}",
+            lambda: self._client.table(TABLE).select(_COLUMNS).eq("unique_id", uid).execute().data,
+        )
+        return self._one(rows, uid)
+
+    def list_products(self, status: str | None = None) -> list[Product]:
+        out: list[Product] = []
+        start = 0
+        while True:
+            def page(start: int = start) -> list[dict[str, Any]]:
+                q = self._client.table(TABLE).select(_COLUMNS)
+                if status is not None:
+                    q = q.eq("status", status)
+                return q.order("created_at").order("unique_id").range(start, start + _PAGE - 1).execute().data
+
+            rows = self._guard("list products", page)
+            out += [product_from_row(r) for r in rows]
+            if len(rows) < _PAGE:
+                return out
+            start += _PAGE
+
+    def claim_next(self, worker: str, lease_s: float, max_attempts: int) -> Product | None:
+        rows = self._rpc(
+            "claim the next product", "claim_next_product",
+            {"worker": worker, "lease": lease_text(lease_s), "max_attempts": int(max_attempts)},
+        )
+        if not rows:
+            return None
+        product = product_from_row(rows[0])
+        log.info("worker %s claimed %s (attempt %d)", worker, product.unique_id, product.attempts)
+        return product
+
+    def claim(self, unique_id: str, worker: str, lease_s: float) -> Product:
+        uid = check_unique_id(unique_id)
+        rows = self._rpc(
+            f"claim {uid}", "claim_product", {"uid": uid, "worker": worker, "lease": lease_text(lease_s)}
+        )
+        return self._one(rows, uid)
+
+    def mark_done(self, unique_id: str, manifest_key: str) -> Product:
+        uid = check_unique_id(unique_id)
+        check_object_key(manifest_key)
+        if not self.object_exists(manifest_key):
+            raise StoreError(f"cannot mark {uid} DONE: manifest {manifest_key} is not in the bucket")
+        rows = self._rpc(f"mark {uid} DONE", "mark_product_done", {"uid": uid, "manifest": manifest_key})
+        return self._one(rows, uid)
+
+    def mark_failed(self, unique_id: str, reason: str) -> Product:
+        uid = check_unique_id(unique_id)
+        rows = self._rpc(f"mark {uid} FAILED", "mark_product_failed", {"uid": uid, "reason": reason[:2000]})
+        return self._one(rows, uid)
+
+    # -- bucket -----------------------------------------------------------------------------
+    def _bucket(self) -> Any:
+        return self._client.storage.from_(self.bucket_name)
+
+    def _object_url(self, key: str) -> str:
+        """The authenticated download URL of ``key`` in our bucket (as storage3 builds it)."""
+        return str(self._client.storage_url.joinpath("object", self.bucket_name, *key.split("/")))
+
+    def _own_object_key(self, link: str) -> str | None:
+        """The bucket path of a URL that points into our own bucket, else None."""
+        parts = urllib.parse.urlsplit(link)
+        own = urllib.parse.urlsplit(self.url)
+        if (parts.scheme, parts.netloc) != (own.scheme, own.netloc):
+            return None
+        prefix = own.path.rstrip("/") + "/storage/v1/object/"
+        if not parts.path.startswith(prefix):
+            return None
+        rest = urllib.parse.unquote(parts.path[len(prefix):]).split("/")
+        if rest and rest[0] in ("public", "authenticated"):
+            rest = rest[1:]
+        if len(rest) < 2 or rest[0] != self.bucket_name:
+            return None  # signed URLs and other buckets are fetched as they are
+        return "/".join(rest[1:])
+
+    def fetch_video(self, product: Product, dest: Path, max_bytes: int) -> Path:
+        link = (product.video_link or "").strip()
+        if not link:
+            raise StoreError(f"product {product.unique_id} has no video_link")
+        if "://" in link:
+            key = self._own_object_key(link)
+            if key is None:
+                scheme = urllib.parse.urlsplit(link).scheme
+                if scheme != "https":
+                    raise StoreError(f"video link of {product.unique_id} must be https or a bucket path, got {_display_url(link)}")
+                # A foreign URL: fetched without our key, redirects followed.
+                return self._stream(link, Path(dest), max_bytes, what=f"video of {product.unique_id}", authed=False)
+        else:
+            key = link.lstrip("/")
+        key = _lenient_key(key)
+        return self._stream(self._object_url(key), Path(dest), max_bytes, what=f"video {key}", authed=True)
+
+    def _stream(self, url: str, dest: Path, max_bytes: int | None, what: str, authed: bool) -> Path:
+        """GET ``url`` into ``dest`` (temp file + rename), refusing bodies over ``max_bytes``."""
+        limit_mib = _mib(max_bytes) if max_bytes is not None else ""
+
+        def run() -> Path:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            headers = self._auth_headers() if authed else {}
+            with self._http.stream("GET", url, headers=headers, follow_redirects=not authed) as resp:
+                if resp.status_code in (400, 404) and authed:
+                    body = resp.read()[:2000].decode("utf-8", "replace")
+                    if resp.status_code == 404 or "not_found" in body or "404" in body:
+                        raise StoreError(f"{what} is not in the bucket {self.bucket_name}")
+                if resp.status_code >= 400:
+                    raise StoreError(f"{what}: HTTP {resp.status_code} from {_display_url(url)}")
+                length = resp.headers.get("content-length")
+                if max_bytes is not None and length and length.isdigit() and int(length) > max_bytes:
+                    raise StoreError(
+                        f"{what} is {_mib(int(length))}, over the {limit_mib} limit "
+                        "(storage.max_video_bytes); upload a shorter or lower-resolution video"
+                    )
+                fd, tmp = tempfile.mkstemp(prefix=".part-", dir=dest.parent)
+                try:
+                    total = 0
+                    with os.fdopen(fd, "wb") as out:
+                        for chunk in resp.iter_bytes(1 << 20):
+                            total += len(chunk)
+                            if max_bytes is not None and total > max_bytes:
+                                raise StoreError(
+                                    f"{what} is over the {limit_mib} limit (storage.max_video_bytes): "
+                                    "stopped reading; upload a shorter or lower-resolution video"
+                                )
+                            out.write(chunk)
+                    os.replace(tmp, dest)
+                except BaseException:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
+            return dest
+
+        return self._guard(f"download {what}", run)
+
+    def put_object(self, key: str, src: Path, content_type: str = "application/octet-stream") -> None:
+        check_object_key(key)
+        src = Path(src)
+        if not src.is_file():
+            raise StoreError(f"cannot upload {src}: not a file")
+        options = {"upsert": "true", "content-type": content_type, "cache-control": _CACHE_CONTROL}
+        self._guard(f"upload {key}", lambda: self._bucket().upload(key, str(src), options))
+
+    def get_object(self, key: str, dest: Path) -> Path:
+        check_object_key(key)
+        return self._stream(self._object_url(key), Path(dest), None, what=f"object {key}", authed=True)
+
+    def object_exists(self, key: str) -> bool:
+        check_object_key(key)
+        return self._guard(f"look up {key}", lambda: self._bucket().exists(key))
+
+    def object_version(self, key: str) -> str:
+        """The object's etag and version/last-modified from Storage; changes on every replace."""
+        check_object_key(key)
+        from storage3.exceptions import StorageApiError
+
+        def read() -> str:
+            try:
+                info = self._bucket().info(key) or {}
+            except StorageApiError as exc:
+                if str(exc.status) == "404":
+                    raise StoreError(f"object {key} is not in the bucket {self.bucket_name}") from None
+                info = {}  # older Storage servers answer info without a JSON body
+            except ValueError:
+                info = {}
+            token = "-".join(str(info[k]) for k in ("etag", "version", "last_modified") if info.get(k))
+            if token:
+                return token
+            # Fall back on the listing, whose metadata carries the etag.
+            folder, _, name = key.rpartition("/")
+            for entry in self._bucket().list(folder or None, {"search": name, "limit": 100}) or []:
+                if entry.get("name") == name:
+                    meta = entry.get("metadata") or {}
+                    parts = (meta.get("eTag"), entry.get("updated_at"), meta.get("size"))
+                    token = "-".join(str(v) for v in parts if v)
+                    if token:
+                        return token
+            raise StoreError(f"object {key} is not in the bucket {self.bucket_name} (no version to read)")
+
+        return self._guard(f"read the version of {key}", read)
+
+
+@register_store("supabase")
+def _open_supabase(settings: StorageSettings) -> SupabaseStore:
+    return SupabaseStore(settings)
