@@ -5,6 +5,7 @@
     korokoro add video=mug.mp4 name="red mug"      # queue it only
     korokoro queue                                  # process the queue until it is empty
     korokoro list                                   # the products table
+    korokoro view                                   # the shop-page viewer on http://127.0.0.1:8765
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-COMMANDS = ("run", "add", "queue", "list")
+COMMANDS = ("run", "add", "queue", "list", "view")
 CONF_DIR = Path(os.environ.get("KOROKORO_CONF", Path(__file__).resolve().parent.parent / "conf"))
 
 
@@ -91,11 +92,23 @@ def cmd_list(cfg: dict[str, Any]) -> int:
     return 0
 
 
+def cmd_view(cfg: dict[str, Any]) -> int:
+    from flows.viewer_server import serve
+
+    storage = cfg["storage"]
+    if storage["backend"] != "local":
+        raise UsageError("korokoro view serves the local store; a Supabase store is read by the viewer directly")
+    viewer = cfg.get("viewer", {})
+    serve(Path(storage["root"]), storage["bucket"], viewer.get("host", "127.0.0.1"), int(viewer.get("port", 8765)))
+    return 0
+
+
 HANDLERS: dict[str, Callable[[dict[str, Any]], int]] = {
     "run": cmd_run,
     "add": cmd_add,
     "queue": cmd_queue,
     "list": cmd_list,
+    "view": cmd_view,
 }
 
 

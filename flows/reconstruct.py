@@ -16,6 +16,7 @@ from tasks import colmap, detect, frames, mesh, segment
 from tasks.storage import ProductStore, open_store
 from tasks.storage.base import StorageSettings
 from tasks.types import Product
+from tasks.upload import model_prefix
 
 log = logging.getLogger("korokoro")
 
@@ -101,10 +102,14 @@ def run_stages(product: Product, store: ProductStore, cfg: dict[str, Any], echo:
         asset = runner.run(
             "mesh", [field.fingerprint], cfg["mesh"], field=field, masks=masks, settings=mesh.MeshSettings(**cfg["mesh"])
         )
+        preview = _write_preview(Path(asset.glb), Path(asset.dir) / "preview.png")
         shards = runner.run(
             "shard", [asset.fingerprint], {"part_bytes": storage.part_bytes}, mesh=asset, unique_id=uid,
             part_bytes=storage.part_bytes,
         )
+        if preview is not None:
+            # The gallery's thumbnail and the product page's poster; published before the manifest.
+            store.put_object(f"{model_prefix(uid)}/preview.png", preview, "image/png")
         target = {"backend": storage.backend, "root": storage.root, "bucket": storage.bucket}
         published = runner.run("upload", [shards.fingerprint], target, shards=shards, store=store, unique_id=uid)
         store.mark_done(uid, published.manifest_key)
@@ -115,7 +120,6 @@ def run_stages(product: Product, store: ProductStore, cfg: dict[str, Any], echo:
             "manifest_key": published.manifest_key,
             "shards_dir": str(shards.dir),
         }
-        _write_preview(asset.glb, work_dir)
     except StageFailed as exc:
         error = exc.reason
     except Exception as exc:  # a bug outside a stage still fails the product with its reason
@@ -127,14 +131,17 @@ def run_stages(product: Product, store: ProductStore, cfg: dict[str, Any], echo:
     return ProductResult(uid, status, error, str(report), **result)
 
 
-def _write_preview(glb: Path, work_dir: Path) -> None:
-    """A turntable strip of the result for the report; skipped when no renderer is installed."""
+def _write_preview(glb: Path, png: Path) -> Path | None:
+    """A turntable strip of the model (made once per mesh folder); None when no renderer works."""
+    if png.exists():
+        return png
     try:
         from tasks.mesh_preview import render_preview_in_subprocess
 
-        render_preview_in_subprocess(Path(glb), work_dir / "preview.png")
+        return render_preview_in_subprocess(glb, png)
     except Exception as exc:  # a missing OpenGL must not fail a finished product
         log.info("no preview image: %s", exc)
+        return None
 
 
 @flow(name="reconstruct-product", log_prints=True)

@@ -82,9 +82,9 @@ def write_report(
     if segment is not None and Path(segment.record.contact_sheet).exists():
         rel = Path(segment.record.contact_sheet).relative_to(work_dir)
         lines += ["", "## Masks", "", f"![mask contact sheet]({rel.as_posix()})"]
-    preview = work_dir / "preview.png"
-    if preview.exists():
-        lines += ["", "## Result", "", "![turntable preview](preview.png)"]
+    if mesh is not None and (Path(mesh.record.dir) / "preview.png").exists():
+        rel = (Path(mesh.record.dir) / "preview.png").relative_to(work_dir)
+        lines += ["", "## Result", "", f"![turntable preview]({rel.as_posix()})"]
     md = work_dir / "report.md"
     md.write_text("\n".join(lines) + "\n")
     (work_dir / "report.json").write_text(

@@ -37,7 +37,7 @@ def test_add_then_list_with_multirun(data_dir: Path, tmp_path: Path, capsys: pyt
 
 
 def test_missing_command_prints_usage(data_dir: Path) -> None:
-    with pytest.raises(SystemExit, match="missing command: one of run, add, queue, list"):
+    with pytest.raises(SystemExit, match="missing command: one of run, add, queue, list, view"):
         cli.main(["video=x.mp4"])
 
 
