@@ -9,12 +9,16 @@ covers ``u in [col, col + 1)``. Masks are ``(H, W)`` bool arrays.
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable, TypeVar
 
 import cv2
 import numpy as np
 
+T = TypeVar("T")
 _INTRINSIC_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h")
 _DISTORTION_KEYS = ("k1", "k2", "p1", "p2")
 
@@ -132,53 +136,123 @@ def spread_order(views: Views, chosen: np.ndarray) -> np.ndarray:
     return chosen[np.array(order)]
 
 
+def resolve_workers(workers: int) -> int:
+    """Threads to use for ``workers`` (a setting): 0 or less means one per CPU core."""
+    return int(workers) if workers and workers > 0 else (os.cpu_count() or 1)
+
+
+def thread_map(fn: Callable[..., T], *iterables: Iterable, workers: int = 1) -> list[T]:
+    """``list(map(fn, *iterables))`` on ``workers`` threads (order kept; the first error is raised).
+
+    Worth it for OpenCV and large numpy operations, which release the GIL.
+    """
+    items = list(zip(*iterables))
+    workers = min(resolve_workers(workers), len(items))
+    if workers <= 1:
+        return [fn(*args) for args in items]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda args: fn(*args), items))
+
+
+def _pixel_projection(views: Views, index: int) -> np.ndarray | None:
+    """``(3, 4)`` matrix taking homogeneous world points to ``(u·d, v·d, d)`` (d = depth) in view
+    ``index``; None when the view has lens distortion (then ``project`` must be used)."""
+    if np.any(views.distortion[index]):
+        return None
+    fx, fy, cx, cy = views.intrinsics[index]
+    # OpenGL camera: depth = -z_cam, u = fx * x_cam / depth + cx, v = -fy * y_cam / depth + cy.
+    k = np.array([[fx, 0.0, -cx], [0.0, -fy, -cy], [0.0, 0.0, -1.0]])
+    return k @ np.linalg.inv(views.c2w[index])[:3]
+
+
+def _view_misses(views: Views, index: int, mask: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For ``points (3, M)`` float32: ``inside (M,)`` (projects into the frame, in front of the
+    camera) and ``miss (M,)`` (inside, on a background pixel of ``mask``)."""
+    h, w = mask.shape
+    matrix = _pixel_projection(views, index)
+    if matrix is None:
+        uv, _ = project(views, index, points.T)
+        u, v = uv[:, 0], uv[:, 1]
+        inside = (u >= 0) & (u < w) & (v >= 0) & (v < h)  # nan compares False
+    else:
+        m = matrix.astype(np.float32)
+        homog = m[:, :3] @ points
+        homog += m[:, 3:4]
+        depth = homog[2]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            u = np.divide(homog[0], depth, out=homog[0])
+            v = np.divide(homog[1], depth, out=homog[1])
+        inside = (depth > 0) & (u >= 0) & (u < w) & (v >= 0) & (v < h)
+    # Pixel [row, col] covers u in [col, col + 1): truncation is floor for the non-negative inside points.
+    with np.errstate(invalid="ignore"):  # outside points may be nan / huge; they are masked off
+        flat = np.where(inside, v.astype(np.int32) * np.int32(w) + u.astype(np.int32), 0)
+    miss = ~mask.reshape(-1)[flat]
+    miss &= inside
+    return inside, miss
+
+
+def _carve_chunk(views: Views, masks: list[np.ndarray], order: np.ndarray, points: np.ndarray,
+                 allowed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``carve_votes`` for one chunk of ``points (3, M)``, views in ``order``."""
+    m = points.shape[1]
+    misses = np.zeros(m, dtype=np.int32)
+    last_miss = np.full(m, -1, dtype=np.int32)
+    seen = np.zeros(m, dtype=np.int32)
+    # Survivors are kept compacted (index, position, counts) so each view only tests them; the
+    # compaction is lazy (when a quarter of them is out): a dropped voxel tested a few views more
+    # only gains misses, and it already has too many.
+    index = np.arange(m)
+    alive_misses, alive_last, alive_seen = misses.copy(), last_miss.copy(), seen.copy()
+    for i in order:
+        if len(index) == 0:
+            break
+        inside, miss = _view_misses(views, int(i), masks[i], points)
+        alive_seen += inside
+        alive_misses += miss
+        alive_last[miss] = i
+        keep = alive_misses <= allowed
+        kept = np.count_nonzero(keep)
+        if kept < 0.75 * len(index):
+            gone = index[~keep]
+            misses[gone], last_miss[gone], seen[gone] = alive_misses[~keep], alive_last[~keep], alive_seen[~keep]
+            index, points = index[keep], points[:, keep]
+            alive_misses, alive_last, alive_seen = alive_misses[keep], alive_last[keep], alive_seen[keep]
+    misses[index], last_miss[index], seen[index] = alive_misses, alive_last, alive_seen
+    return misses, last_miss, seen
+
+
 def carve_votes(
     views: Views,
     masks: list[np.ndarray],
     use: np.ndarray,
     centers: np.ndarray,
     max_miss_fraction: float,
+    workers: int = 1,
+    chunk: int = 65536,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Count, for voxel ``centers (M, 3)``, the views in ``use`` (``(N,)`` bool) that miss them.
 
     Returns ``misses (M,)``, ``last_miss (M,)`` (index of the last view that missed it, -1 for
     none) and ``seen (M,)`` (views where it falls inside the frame; the others abstain). A voxel
-    is dropped, with its count frozen, as soon as it has more misses than
-    ``max(1, max_miss_fraction x views)``: later views only test the survivors, and ``misses == 1``
-    stays exact so ``last_miss`` names the one view that disagrees.
+    is dropped as soon as it has more misses than ``max(1, max_miss_fraction x views)``: later
+    views only test the survivors, so a dropped voxel's counts are only known to exceed that
+    allowance, while ``misses <= allowance`` (``misses == 1`` with its ``last_miss`` in
+    particular) is exact. The voxels are split in chunks of ``chunk`` carved on ``workers``
+    threads (the result does not depend on either).
     """
     chosen = np.flatnonzero(use)
     if len(chosen) == 0:
         raise ValueError("no accepted masks to carve a visual hull from")
     allowed = max(1, int(np.floor(max_miss_fraction * len(chosen))))
-    misses = np.zeros(len(centers), dtype=np.int32)
-    last_miss = np.full(len(centers), -1, dtype=np.int32)
-    seen = np.zeros(len(centers), dtype=np.int32)
-    # Survivors are kept compacted (index, position, counts) so each view only tests them.
-    index = np.arange(len(centers))
-    points = np.asarray(centers, dtype=np.float32)
-    alive_misses = np.zeros(len(points), dtype=np.int32)
-    alive_last = np.full(len(points), -1, dtype=np.int32)
-    alive_seen = np.zeros(len(points), dtype=np.int32)
-    for i in spread_order(views, chosen):
-        uv, _ = project(views, i, points)
-        h, w = masks[i].shape
-        col, row = np.floor(uv[:, 0]), np.floor(uv[:, 1])
-        inside_frame = (col >= 0) & (col < w) & (row >= 0) & (row < h)  # nan compares False
-        hit = np.zeros(len(points), dtype=bool)
-        hit[inside_frame] = masks[i][row[inside_frame].astype(np.intp), col[inside_frame].astype(np.intp)]
-        miss = inside_frame & ~hit
-        alive_seen += inside_frame
-        alive_misses += miss
-        alive_last[miss] = i
-        keep = alive_misses <= allowed
-        if not keep.all():
-            gone = index[~keep]
-            misses[gone], last_miss[gone], seen[gone] = alive_misses[~keep], alive_last[~keep], alive_seen[~keep]
-            index, points = index[keep], points[keep]
-            alive_misses, alive_last, alive_seen = alive_misses[keep], alive_last[keep], alive_seen[keep]
-    misses[index], last_miss[index], seen[index] = alive_misses, alive_last, alive_seen
-    return misses, last_miss, seen
+    order = spread_order(views, chosen)
+    points = np.ascontiguousarray(np.asarray(centers, dtype=np.float32).T)  # (3, M): rows stream through BLAS
+    bounds = list(range(0, points.shape[1], max(1, int(chunk)))) + [points.shape[1]]
+    parts = thread_map(lambda a, b: _carve_chunk(views, masks, order, np.ascontiguousarray(points[:, a:b]), allowed),
+                       bounds[:-1], bounds[1:], workers=workers)
+    if not parts:
+        empty = np.zeros(0, dtype=np.int32)
+        return empty, empty.copy(), empty.copy()
+    return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))  # type: ignore[return-value]
 
 
 def voted_occupancy(misses: np.ndarray, seen: np.ndarray, max_miss_fraction: float) -> np.ndarray:
@@ -195,9 +269,11 @@ def carve(
     use: np.ndarray,
     centers: np.ndarray,
     max_miss_fraction: float,
+    workers: int = 1,
+    chunk: int = 65536,
 ) -> np.ndarray:
     """Voting visual hull over voxel ``centers (M, 3)`` → ``(M,)`` bool occupancy (see ``carve_votes``)."""
-    misses, _, seen = carve_votes(views, masks, use, centers, max_miss_fraction)
+    misses, _, seen = carve_votes(views, masks, use, centers, max_miss_fraction, workers, chunk)
     return voted_occupancy(misses, seen, max_miss_fraction)
 
 
@@ -242,12 +318,18 @@ def render_silhouette(views: Views, index: int, centers: np.ndarray, voxel: floa
     uv, depth = project(views, index, centers)
     col, row = np.floor(uv[:, 0]), np.floor(uv[:, 1])
     ok = (col >= 0) & (col < w) & (row >= 0) & (row < h)
-    out[row[ok].astype(np.intp), col[ok].astype(np.intp)] = 1
+    row, col = row[ok].astype(np.intp), col[ok].astype(np.intp)
+    out[row, col] = 1
     front = depth[depth > 0]
-    if len(front):
+    if len(front) and len(row):
         voxel_px = float(views.intrinsics[index, :2].max() * voxel / front.min())
         size = 2 * int(np.ceil(voxel_px)) + 1
-        out = cv2.morphologyEx(out, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size)))
+        # The closing only changes pixels near the marked ones: run it on their box plus the disc.
+        pad = size + 1
+        y0, y1 = max(int(row.min()) - pad, 0), min(int(row.max()) + pad + 1, h)
+        x0, x1 = max(int(col.min()) - pad, 0), min(int(col.max()) + pad + 1, w)
+        out[y0:y1, x0:x1] = cv2.morphologyEx(out[y0:y1, x0:x1], cv2.MORPH_CLOSE,
+                                             cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size)))
     return out.astype(bool)
 
 
@@ -259,7 +341,7 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def area_and_centroid(mask: np.ndarray) -> tuple[float, np.ndarray]:
     """Area as a fraction of the frame and the centroid ``(2,)`` (u, v) in pixels (nan if empty)."""
-    rows, cols = np.nonzero(mask)
-    if len(rows) == 0:
+    m = cv2.moments(np.asarray(mask, dtype=bool).view(np.uint8), binaryImage=True)
+    if m["m00"] == 0:
         return 0.0, np.array([np.nan, np.nan])
-    return len(rows) / mask.size, np.array([cols.mean() + 0.5, rows.mean() + 0.5])
+    return m["m00"] / mask.size, np.array([m["m10"] / m["m00"] + 0.5, m["m01"] / m["m00"] + 0.5])

@@ -18,6 +18,11 @@ if TYPE_CHECKING:  # pragma: no cover
 _OUTLINE_BGR = {"accepted": (0, 255, 0), "refined-from-hull": (0, 200, 255), "merged-with-hull": (0, 0, 255)}
 
 
+def _imwrite(path: Path, image: np.ndarray, params: list[int]) -> None:
+    if not cv2.imwrite(str(path), image, params):
+        raise OSError(f"could not write {path}")
+
+
 def contact_sheet_size(frame_count: int, frame_width: int, frame_height: int, columns: int, thumb_width: int) -> tuple[int, int]:
     """``(width, height)`` in pixels of the contact sheet for these frames and settings."""
     thumb_height = max(1, round(frame_height * thumb_width / frame_width))
@@ -38,7 +43,8 @@ def contact_sheet(images: list[np.ndarray], masks: list[np.ndarray], status: lis
     sheet_w, sheet_h = contact_sheet_size(len(images), w0, h0, settings.sheet_columns, tw)
     cols = sheet_w // tw
     sheet = np.zeros((sheet_h, sheet_w, 3), np.uint8)
-    for k, (image, mask, state) in enumerate(zip(images, masks, status)):
+
+    def draw(k: int, image: np.ndarray, mask: np.ndarray, state: str) -> None:
         thumb = cv2.resize(image, (tw, th), interpolation=cv2.INTER_AREA)
         small = cv2.resize(mask.astype(np.uint8), (tw, th), interpolation=cv2.INTER_NEAREST)
         colour = np.array(_OUTLINE_BGR.get(state, (255, 255, 255)), np.float32)
@@ -49,6 +55,8 @@ def contact_sheet(images: list[np.ndarray], masks: list[np.ndarray], status: lis
         cv2.drawContours(thumb, contours, -1, tuple(int(c) for c in colour), 1)
         r, c = divmod(k, cols)
         sheet[r * th:(r + 1) * th, c * tw:(c + 1) * tw] = thumb
+
+    geo.thread_map(draw, range(len(images)), images, masks, status, workers=getattr(settings, "workers", 1))
     return sheet
 
 
@@ -60,17 +68,29 @@ def write_outputs(out_dir: Path, views: geo.Views, images: list[np.ndarray], res
     frames_raw = views.raw["frames"]
     transforms = {k: v for k, v in views.raw.items() if k != "frames"}
     transforms["frames"] = []
+    workers = getattr(settings, "workers", 1)
+    # OpenCV's fast defaults (SUB filter, RLE strategy) at the chosen zlib level; a level alone turns on
+    # the slow all-filters search.
+    png = [cv2.IMWRITE_PNG_COMPRESSION, int(getattr(settings, "png_compression", 1)),
+           cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB,
+           cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+    stems = [f"{i:05d}_{Path(p).stem}" for i, p in enumerate(views.file_paths)]  # index first: unique even if stems repeat
+
+    def write(stem: str, image: np.ndarray, mask: np.ndarray) -> tuple[float, np.ndarray]:
+        mask_u8 = np.asarray(mask, dtype=bool).view(np.uint8) * np.uint8(255)  # bool is one byte of 0 / 1
+        _imwrite(out_dir / "masks" / f"{stem}.png", mask_u8, png)
+        rgba = cv2.cvtColor(image, cv2.COLOR_BGR2BGRA)
+        rgba[..., 3] = mask_u8
+        _imwrite(out_dir / "rgba" / f"{stem}.png", rgba, png)
+        return geo.area_and_centroid(mask)
+
+    shapes = geo.thread_map(write, stems, images, result.masks, workers=workers)
     per_frame = []
-    for i, (image, mask) in enumerate(zip(images, result.masks)):
-        stem = f"{i:05d}_{Path(views.file_paths[i]).stem}"  # index first: unique even if stems repeat
-        mask_u8 = np.where(mask, 255, 0).astype(np.uint8)
-        cv2.imwrite(str(out_dir / "masks" / f"{stem}.png"), mask_u8)
-        cv2.imwrite(str(out_dir / "rgba" / f"{stem}.png"), np.dstack([image, mask_u8]))
+    for i, (stem, (area, centroid)) in enumerate(zip(stems, shapes)):
         frame = dict(frames_raw[i])
         frame["file_path"] = os.path.relpath(views.images[i], out_dir)
         frame["mask_path"] = f"masks/{stem}.png"
         transforms["frames"].append(frame)
-        area, centroid = geo.area_and_centroid(mask)
         per_frame.append({
             "file_path": views.file_paths[i],
             "mask_path": frame["mask_path"],

@@ -14,6 +14,10 @@ Pipeline (``segment_product``):
    and a result that still misses what all the other views agree on is merged with it;
 4. outputs (``tasks.isolation_outputs``): masks, rgba, transforms.json with mask_path, hull.json +
    hull.npy, contact_sheet.jpg, stats.json.
+
+The GrabCut helpers live in ``tasks.segment_grabcut``. Per-frame work (reading, both GrabCut
+passes, silhouettes, PNGs) and the carving (by chunks of voxels) run on ``settings.workers``
+threads; the results do not depend on the thread count.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from scipy import ndimage
 
 from tasks import isolation_geometry as geo
 from tasks.isolation_outputs import write_outputs
+from tasks.segment_grabcut import _box, _disc_kernel, grabcut_first_pass, hull_trimap, run_grabcut
+from tasks.segment_grabcut import box_trimap, keep_main_components  # noqa: F401  (re-exported)
 from tasks.types import CameraRig, Detections, MaskSet
 
 
@@ -37,13 +43,18 @@ class SegmenterSettings:
     """Settings of the ``cv2`` segmenter and of the cross-view consistency (conf/segmenter/cv2.yaml)."""
 
     name: str = "cv2"
+    # speed
+    workers: int = 0  # threads for the per-frame work and the carving (0 = one per CPU core); results do not depend on it
+    carve_chunk_voxels: int = 65536  # voxels per carving task (a thread carves one chunk through all views)
+    seed: int = 0  # GrabCut's k-means seed, reset for every frame: same frames → same masks, whatever the threads
+    png_compression: int = 1  # zlib level of the mask / rgba PNGs (0-9: higher = slightly smaller files, slower)
     # first pass (GrabCut)
     first_pass_object_px: int = 120  # first-pass GrabCut runs on a crop resampled so the box spans this many px
     refine_object_px: int = 200  # the refine pass resamples so the hull's outline spans this many px (sub-pixel edges)
     min_work_scale: float = 0.25  # never shrink the crop more than this (keeps thin parts)
     max_work_scale: float = 3.0  # never enlarge the crop more than this (speed)
     crop_margin: float = 0.3  # the crop adds this fraction of the product's size around it (colour models)
-    grabcut_iterations: int = 5  # GrabCut iterations per pass
+    grabcut_iterations: int = 5  # GrabCut iterations of the first pass
     seed_radius_px: int = 1  # radius of the disc each seed point marks as certain fg / bg
     seed_edge_px: float = 3.0  # fg seeds nearer than this to the seeds' outline stay only "probable"
     keep_component_fraction: float = 0.15  # drop blobs smaller than this fraction of the largest one
@@ -67,6 +78,8 @@ class SegmenterSettings:
     fallback_half_extent: float = 1.0  # search box half-size around the origin without a detector box
     # refine with the hull
     band_px: int = 3  # GrabCut decides only within this many pixels of the hull's outline
+    refine_iterations: int = 2  # GrabCut iterations of the refine pass (the band is thin: it settles fast)
+    refine_crop_margin: float = 0.3  # the refine crop adds this fraction of the hull's size around it (colour models)
     # contact sheet
     sheet_columns: int = 6  # thumbnails per row
     sheet_thumb_width: int = 160  # thumbnail width in pixels (height keeps the frame's aspect)
@@ -74,7 +87,11 @@ class SegmenterSettings:
 
 
 class Segmenter(Protocol):
-    """A first-pass backend: one frame + its detection entry → ``(H, W)`` bool mask."""
+    """A first-pass backend: one frame + its detection entry → ``(H, W)`` bool mask.
+
+    It is called from ``settings.workers`` threads at once (give a backend that is not thread-safe
+    a settings type whose ``workers`` is 1).
+    """
 
     def __call__(self, image: np.ndarray, detection: Mapping[str, Any], settings: Any) -> np.ndarray: ...
 
@@ -105,119 +122,9 @@ def segmenter_settings(cfg: Mapping[str, Any]) -> Any:
     return settings_type(**cfg)
 
 
-# --------------------------------------------------------------------------- GrabCut
+# --------------------------------------------------------------------------- GrabCut (tasks.segment_grabcut)
 
-
-def _disc_kernel(radius: int) -> np.ndarray:
-    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-
-
-def run_grabcut(image: np.ndarray, trimap: np.ndarray, object_px: int, settings: SegmenterSettings) -> np.ndarray:
-    """GrabCut from a ``trimap (H, W)`` of cv2.GC_* labels on ``image (H, W, 3)`` BGR → bool mask.
-
-    Runs on a crop around the undecided region (plus ``crop_margin`` of its size for the colour
-    models) resampled so that region spans about ``object_px`` pixels: small products get
-    sub-pixel outlines, large frames stay fast. Falls back to the trimap's fg labels when GrabCut
-    cannot start (no fg or no bg samples).
-    """
-    h, w = trimap.shape
-    rows, cols = np.nonzero(trimap != cv2.GC_BGD)
-    if len(rows) == 0:
-        return np.zeros((h, w), dtype=bool)
-    y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-    pad = int(np.ceil(settings.crop_margin * max(y1 - y0, x1 - x0))) + 2
-    scale = float(np.clip(object_px / max(y1 - y0, x1 - x0), settings.min_work_scale, settings.max_work_scale))
-    y0, y1, x0, x1 = max(y0 - pad, 0), min(y1 + pad, h), max(x0 - pad, 0), min(x1 + pad, w)
-    crop_img, crop_map = image[y0:y1, x0:x1], trimap[y0:y1, x0:x1]
-    size = (max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale)))
-    work_img = cv2.resize(crop_img, size, interpolation=cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA)
-    labels = cv2.resize(crop_map, size, interpolation=cv2.INTER_NEAREST)
-    fg_init = (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
-    bg_init = (labels == cv2.GC_BGD) | (labels == cv2.GC_PR_BGD)
-    if fg_init.any() and bg_init.any():
-        bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
-        cv2.grabCut(np.ascontiguousarray(work_img), labels, None, bgd, fgd, settings.grabcut_iterations,
-                    cv2.GC_INIT_WITH_MASK)
-    fg = ((labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)).astype(np.float32)
-    # Back to frame pixels by area averaging: a pixel is product when most of it is.
-    fg = cv2.resize(fg, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA if scale > 1 else cv2.INTER_LINEAR)
-    mask = np.zeros((h, w), dtype=bool)
-    mask[y0:y1, x0:x1] = fg > 0.5
-    return keep_main_components(mask, settings.keep_component_fraction)
-
-
-def keep_main_components(mask: np.ndarray, fraction: float) -> np.ndarray:
-    """Drop connected blobs smaller than ``fraction`` of the largest one (specks of background)."""
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    if count <= 2:
-        return mask
-    areas = stats[1:, cv2.CC_STAT_AREA]
-    keep = np.concatenate([[False], areas >= fraction * areas.max()])
-    return keep[labels]
-
-
-def _mark_points(trimap: np.ndarray, uv: np.ndarray, label: int, radius: int) -> None:
-    """Set discs of ``radius`` around pixel positions ``uv (M, 2)`` to ``label`` (in place)."""
-    if len(uv) == 0:
-        return
-    h, w = trimap.shape
-    dots = np.zeros((h, w), np.uint8)
-    col, row = np.floor(uv[:, 0]).astype(np.intp), np.floor(uv[:, 1]).astype(np.intp)
-    ok = (col >= 0) & (col < w) & (row >= 0) & (row < h)
-    dots[row[ok], col[ok]] = 1
-    trimap[cv2.dilate(dots, _disc_kernel(radius)) > 0] = label
-
-
-def box_trimap(shape: tuple[int, int], detection: Mapping[str, Any], settings: SegmenterSettings) -> np.ndarray:
-    """First-pass trimap ``(H, W)`` uint8 from a detection: box, fg seeds' hull, seeds."""
-    h, w = shape
-    trimap = np.full((h, w), cv2.GC_BGD, np.uint8)
-    box = detection.get("box")
-    if box is None:
-        return trimap
-    x0, y0, x1, y1 = (int(round(v)) for v in box)
-    trimap[max(y0, 0):min(y1, h), max(x0, 0):min(x1, w)] = cv2.GC_PR_BGD
-    fg = np.asarray(detection.get("seeds_fg") or [], dtype=np.float64).reshape(-1, 2)
-    if len(fg) >= 3:
-        region = np.zeros((h, w), np.uint8)
-        cv2.fillConvexPoly(region, cv2.convexHull(np.floor(fg).astype(np.int32)), 1)
-        trimap[(region > 0) & (trimap == cv2.GC_PR_BGD)] = cv2.GC_PR_FGD
-        # Seeds deep inside the seeds' outline are certain; near the outline noise may put them outside.
-        depth = cv2.distanceTransform(region, cv2.DIST_L2, 3)
-        col = np.clip(np.floor(fg[:, 0]).astype(np.intp), 0, w - 1)
-        row = np.clip(np.floor(fg[:, 1]).astype(np.intp), 0, h - 1)
-        _mark_points(trimap, fg[depth[row, col] >= settings.seed_edge_px], cv2.GC_FGD, settings.seed_radius_px)
-    bg = np.asarray(detection.get("seeds_bg") or [], dtype=np.float64).reshape(-1, 2)
-    _mark_points(trimap, bg, cv2.GC_BGD, settings.seed_radius_px)
-    return trimap
-
-
-@register_segmenter("cv2", SegmenterSettings)
-def grabcut_first_pass(image: np.ndarray, detection: Mapping[str, Any], settings: SegmenterSettings) -> np.ndarray:
-    """The weight-free first pass: GrabCut initialised with the detector's box and seeds."""
-    trimap = box_trimap(image.shape[:2], detection, settings)
-    if not (trimap != cv2.GC_BGD).any():
-        return np.zeros(image.shape[:2], dtype=bool)
-    return run_grabcut(image, trimap, settings.first_pass_object_px, settings)
-
-
-def hull_trimap(hull_mask: np.ndarray, first: np.ndarray | None, settings: SegmenterSettings) -> np.ndarray:
-    """Refine trimap ``(H, W)``: certain outside/inside the hull's outline, undecided in a band.
-
-    With a trusted first-pass mask ``first``, certain fg needs both to agree and undecided pixels
-    start from the first pass; without one (rejected frame) the hull alone is the prior.
-    """
-    band = _disc_kernel(settings.band_px)
-    h8 = hull_mask.astype(np.uint8)
-    trimap = np.full(hull_mask.shape, cv2.GC_BGD, np.uint8)
-    trimap[cv2.dilate(h8, band) > 0] = cv2.GC_PR_BGD
-    if first is None:
-        trimap[hull_mask] = cv2.GC_PR_FGD
-        trimap[cv2.erode(h8, _disc_kernel(2 * settings.band_px)) > 0] = cv2.GC_FGD
-    else:
-        trimap[first & (trimap == cv2.GC_PR_BGD)] = cv2.GC_PR_FGD
-        trimap[cv2.erode((h8 & first.astype(np.uint8)), band) > 0] = cv2.GC_FGD
-    return trimap
+register_segmenter("cv2", SegmenterSettings)(grabcut_first_pass)
 
 
 # --------------------------------------------------------------------------- consistency
@@ -263,7 +170,7 @@ def first_pass_outliers(
     ``neighbour_window`` neighbours along ``order`` ``(N,)`` (frame indices in capture order).
     The area test is loose: a thin product seen edge-on legitimately halves its area in a few degrees.
     """
-    stats = [geo.area_and_centroid(m) for m in masks]
+    stats = geo.thread_map(geo.area_and_centroid, masks, workers=settings.workers)
     area = np.array([s[0] for s in stats])
     centroid = np.array([s[1] for s in stats])
     n_px = np.array([m.size for m in masks], dtype=np.float64)
@@ -305,7 +212,8 @@ def carve_hull(views: geo.Views, masks: list[np.ndarray], use: np.ndarray, searc
         box[0, 2] = max(box[0, 2], floor_z)
     for _ in range(settings.hull_grow_steps + 1):
         centers, shape, coarse_voxel = geo.grid_centers(box, settings.coarse_resolution)
-        coarse = geo.carve(views, masks, use, centers, settings.hull_max_miss_fraction).reshape(shape)
+        coarse = geo.carve(views, masks, use, centers, settings.hull_max_miss_fraction, settings.workers,
+                           settings.carve_chunk_voxels).reshape(shape)
         contacts = geo.border_contacts(coarse)
         if floor_z is not None and settings.clip_below_floor:
             contacts[0, 2] = False  # lying on the floor is expected
@@ -325,7 +233,8 @@ def carve_hull(views: geo.Views, masks: list[np.ndarray], use: np.ndarray, searc
     last_miss = np.full(len(centers), -1, dtype=np.int32)
     seen = np.zeros(len(centers), dtype=np.int32)
     misses[candidate], last_miss[candidate], seen[candidate] = geo.carve_votes(
-        views, masks, use, centers[candidate], settings.hull_max_miss_fraction)
+        views, masks, use, centers[candidate], settings.hull_max_miss_fraction, settings.workers,
+        settings.carve_chunk_voxels)
     occupancy = geo.voted_occupancy(misses, seen, settings.hull_max_miss_fraction)
     return Hull(occupancy.reshape(shape), misses.reshape(shape), last_miss.reshape(shape), grid_aabb, voxel)
 
@@ -342,7 +251,7 @@ class Hull:
     voxel: float
 
 
-def hull_silhouettes(views: geo.Views, hull: Hull) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def hull_silhouettes(views: geo.Views, hull: Hull, workers: int = 1) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per view ``(H, W)`` bool: the voted hull's projection and the other views' consensus.
 
     The voted hull survives any single bad mask but is loose (a thin product seen edge-on looks
@@ -353,13 +262,16 @@ def hull_silhouettes(views: geo.Views, hull: Hull) -> tuple[list[np.ndarray], li
     strict = hull.occupancy & (hull.misses == 0)
     strict_shell = geo.shell_centers(strict, hull.grid_aabb, hull.voxel)
     lo = np.asarray(hull.grid_aabb)[0]
-    loose, consensus = [], []
-    for i in range(len(views)):
-        only_i = np.argwhere((hull.misses == 1) & (hull.last_miss == i))  # voxels only view i rejects
-        extra = (lo + (only_i + 0.5) * hull.voxel).astype(np.float32)
-        loose.append(geo.render_silhouette(views, i, voted, hull.voxel))
-        consensus.append(geo.render_silhouette(views, i, np.concatenate([strict_shell, extra]), hull.voxel))
-    return loose, consensus
+    single = np.argwhere(hull.misses == 1)  # voxels only one view rejects, grouped by that view
+    single_view = hull.last_miss[tuple(single.T)]
+
+    def render(i: int) -> tuple[np.ndarray, np.ndarray]:
+        extra = (lo + (single[single_view == i] + 0.5) * hull.voxel).astype(np.float32)
+        return (geo.render_silhouette(views, i, voted, hull.voxel),
+                geo.render_silhouette(views, i, np.concatenate([strict_shell, extra]), hull.voxel))
+
+    pairs = geo.thread_map(render, range(len(views)), workers=workers)
+    return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
 def coverage(mask: np.ndarray, reference: np.ndarray) -> float:
@@ -374,8 +286,18 @@ def missing_blobs(mask: np.ndarray, consensus: np.ndarray, settings: SegmenterSe
     Thin slivers along the outline are dropped by an opening: where view i sees a thin product
     edge-on, the other views cannot bound it as tightly, and that is no fault of mask i.
     """
-    lacking = (consensus & ~mask).astype(np.uint8)
-    return cv2.morphologyEx(lacking, cv2.MORPH_OPEN, _disc_kernel(settings.hole_min_radius_px)) > 0
+    lacking = consensus & ~mask
+    out = np.zeros(mask.shape, dtype=bool)
+    found = _box(lacking)
+    if found is None:
+        return out
+    # The opening only needs the lacking pixels' box plus the disc (outside it everything stays 0).
+    h, w = mask.shape
+    r = settings.hole_min_radius_px + 1
+    y0, y1, x0, x1 = max(found[0] - r, 0), min(found[1] + r, h), max(found[2] - r, 0), min(found[3] + r, w)
+    crop = lacking[y0:y1, x0:x1].astype(np.uint8)
+    out[y0:y1, x0:x1] = cv2.morphologyEx(crop, cv2.MORPH_OPEN, _disc_kernel(settings.hole_min_radius_px)) > 0
+    return out
 
 
 def hull_disagreement(mask: np.ndarray, loose: np.ndarray, consensus: np.ndarray, settings: SegmenterSettings) -> str:
@@ -414,28 +336,31 @@ def reconcile_masks(
             "are probably wrong: look at boxes.json and the contact sheet"
         )
     hull = carve_hull(views, first, use, search_aabb, floor_z, settings)
-    loose, consensus = hull_silhouettes(views, hull)
-    why = [hull_disagreement(first[i], loose[i], consensus[i], settings) if use[i] else "" for i in range(len(first))]
+    workers = settings.workers
+    loose, consensus = hull_silhouettes(views, hull, workers)
+    why = geo.thread_map(lambda i: hull_disagreement(first[i], loose[i], consensus[i], settings) if use[i] else "",
+                         range(len(first)), workers=workers)
     if any(why) and use.sum() - sum(map(bool, why)) >= 2:
         for i in np.flatnonzero(why):
             flags[i] = why[i]
         use &= ~np.array([bool(w) for w in why])
         hull = carve_hull(views, first, use, search_aabb, floor_z, settings)
-        loose, consensus = hull_silhouettes(views, hull)
+        loose, consensus = hull_silhouettes(views, hull, workers)
 
-    masks, status, ious = [], [], []
-    for i, image in enumerate(images):
+    def refine(i: int) -> tuple[np.ndarray, str, float]:
         trusted = first[i] if use[i] else None
-        refined = run_grabcut(image, hull_trimap(loose[i], trusted, settings), settings.refine_object_px, settings)
+        refined = run_grabcut(images[i], hull_trimap(loose[i], trusted, settings), settings.refine_object_px, settings,
+                              iterations=settings.refine_iterations, crop_margin=settings.refine_crop_margin)
         holes = missing_blobs(refined, consensus[i], settings)
         if holes.any():
             # Fill in what every other view agrees on: one bad frame cannot cut a hole.
             refined, state = refined | holes, "merged-with-hull"
         else:
             state = "accepted" if use[i] else "refined-from-hull"
-        masks.append(refined)
-        status.append(state)
-        ious.append(geo.mask_iou(refined, loose[i]))
+        return refined, state, geo.mask_iou(refined, loose[i])
+
+    done = geo.thread_map(refine, range(len(images)), workers=workers)
+    masks, status, ious = [d[0] for d in done], [d[1] for d in done], [d[2] for d in done]
     # The published hull is carved again from the final masks (tighter than the first-pass one).
     hull = carve_hull(views, masks, np.ones(len(masks), bool), search_aabb, floor_z, settings)
     hull_aabb = geo.occupied_box(hull.occupancy, hull.grid_aabb, hull.voxel)
@@ -467,11 +392,13 @@ def segment_product(
     if missing:
         raise ValueError(f"{detections.boxes} has no entry for {len(missing)} frames (e.g. {missing[0]}): "
                          "rerun the detect stage on this CameraRig")
-    images = [read_image(p) for p in views.images]
+    workers = getattr(settings, "workers", 1)
+    images = geo.thread_map(read_image, views.images, workers=workers)
     for path, image, (w, h) in zip(views.images, images, views.sizes):
         if image.shape[:2] != (h, w):
             raise ValueError(f"{path} is {image.shape[1]}x{image.shape[0]} but transforms.json says {w}x{h}")
-    first = [backend(image, by_path[p], settings) for image, p in zip(images, views.file_paths)]
+    first = geo.thread_map(lambda image, p: backend(image, by_path[p], settings), images, views.file_paths,
+                           workers=workers)
     if boxes.get("aabb") is not None:
         aabb = np.asarray(boxes["aabb"], dtype=np.float64)
         pad = settings.hull_margin * (aabb[1] - aabb[0])

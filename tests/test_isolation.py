@@ -193,3 +193,47 @@ def test_consistency_repairs_corrupted_first_pass_masks(first_pass, seed_check):
         assert iou >= WORST_IOU, f"frame {i}: IoU {iou:.3f} after repair"
     assert result.masks[holed][cy - 8:cy + 8, cx - 8:cx + 8].mean() > 0.95, "the hole was not filled"
     assert sum(bool(f) for f in result.first_flags) <= 6, result.first_flags
+
+
+def test_carving_does_not_depend_on_threads_or_chunks(first_pass):
+    """The threaded, chunked carve gives the same votes as one chunk on one thread, and its
+    survivors' counts match a plain per-view projection (``geo.project``)."""
+    views, _, _, _, boxes, true_masks = first_pass
+    centers, _, _ = geo.grid_centers(np.array(boxes["aabb"]), 24)
+    use = np.ones(len(views), bool)
+    use[5] = False
+    allowed = max(1, int(np.floor(0.1 * use.sum())))
+    one = geo.carve_votes(views, true_masks, use, centers, 0.1, workers=1, chunk=len(centers))
+    many = geo.carve_votes(views, true_masks, use, centers, 0.1, workers=3, chunk=1000)
+    kept = one[0] <= allowed  # dropped voxels' counts are only known to exceed the allowance
+    assert np.array_equal(kept, many[0] <= allowed)
+    for a, b in zip(one, many):
+        assert np.array_equal(a[kept], b[kept])
+    misses = np.zeros(len(centers), int)
+    seen = np.zeros(len(centers), int)
+    for i in np.flatnonzero(use):
+        uv, _ = geo.project(views, i, centers)
+        h, w = true_masks[i].shape
+        col, row = np.floor(uv[:, 0]), np.floor(uv[:, 1])
+        inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
+        hit = np.zeros(len(centers), bool)
+        hit[inside] = true_masks[i][row[inside].astype(int), col[inside].astype(int)]
+        misses += inside & ~hit
+        seen += inside
+    survivors = misses <= allowed
+    assert survivors.any() and (~survivors).any()
+    assert np.mean(kept == survivors) > 0.999  # float32 rounding on pixel edges aside
+    both = kept & survivors
+    assert np.mean(one[0][both] == misses[both]) > 0.999
+    assert np.mean(one[2][both] == seen[both]) > 0.999
+
+
+def test_worker_count_does_not_change_the_masks(first_pass):
+    views, images, per_frame, first, boxes, _ = first_pass
+    _, seg_s = _settings()
+    args = (views, images, first, per_frame, np.array(boxes["aabb"]), boxes["floor_z"])
+    serial = reconcile_masks(*args, replace(seg_s, workers=1))
+    threaded = reconcile_masks(*args, replace(seg_s, workers=4, carve_chunk_voxels=5000))
+    assert serial.status == threaded.status and serial.first_flags == threaded.first_flags
+    assert all(np.array_equal(a, b) for a, b in zip(serial.masks, threaded.masks))
+    assert np.array_equal(serial.occupancy, threaded.occupancy)
