@@ -10,13 +10,15 @@ new key; change nothing and every key repeats.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
+import importlib.util
 import importlib.metadata
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 CHUNK_BYTES = 8 << 20  # read big videos in pieces: never the whole file in memory
 
@@ -35,21 +37,52 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
-@lru_cache(maxsize=None)
-def source_digest(modules: tuple[str, ...]) -> str:
-    """sha256 over the source files of the given modules (a package counts all its .py files)."""
-    digest = hashlib.sha256()
-    for name in modules:
-        module = importlib.import_module(name)
-        origin = Path(module.__file__ or "")
-        files: Iterable[Path]
-        if origin.name == "__init__.py":
-            files = sorted(origin.parent.rglob("*.py"))
+def _module_files(name: str) -> list[Path]:
+    """The source files of a module (a package counts all its .py files)."""
+    origin = Path(importlib.import_module(name).__file__ or "")
+    return sorted(origin.parent.rglob("*.py")) if origin.name == "__init__.py" else [origin]
+
+
+def _project_imports(file: Path, prefix: str) -> set[str]:
+    """Modules under ``prefix`` that ``file`` imports (``import tasks.x``, ``from tasks.x import y``)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(file.read_text(), str(file))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
         else:
-            files = [origin]
-        for file in files:
-            digest.update(file.name.encode())
-            digest.update(file.read_bytes())
+            continue
+        found.update(n for n in names if n.startswith(prefix) and _is_module(n))
+    return found
+
+
+def _is_module(name: str) -> bool:
+    """``from tasks.x import y``: y may be a module or just a name inside tasks.x."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+@lru_cache(maxsize=None)
+def source_digest(modules: tuple[str, ...], prefix: str = "tasks.") -> str:
+    """sha256 over the source of the given modules and of every ``prefix`` module they import,
+    transitively: a change in a helper module invalidates the stages that use it."""
+    seen: set[str] = set()
+    pending = list(modules)
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for file in _module_files(name):
+            pending.extend(_project_imports(file, prefix) - seen)
+    digest = hashlib.sha256()
+    files = sorted({f for name in seen for f in _module_files(name)})
+    for file in files:
+        digest.update(str(file.name).encode())
+        digest.update(file.read_bytes())
     return digest.hexdigest()
 
 
