@@ -2,9 +2,12 @@
 
 Steps: density on a grid → marching cubes → keep the product (visual-hull cull, largest
 components) → Taubin smoothing → quadric decimation → colours from the field (vertex
-colours, and a baked xatlas texture) → GLB (+Y up, PBR metallic 0) and OBJ + MTL, shrunk
-until the GLB fits ``max_glb_bytes``. Geometry lives in tasks/mesh_geometry.py, colour in
-tasks/mesh_texture.py, writers in tasks/mesh_export.py.
+colours, and a baked xatlas texture) → GLB (+Y up, PBR metallic 0, KHR_mesh_quantization) and
+OBJ + MTL within ``max_glb_bytes``. The triangle budget is planned before unwrapping from a
+byte model of the GLB; the texture encoding is then fitted to the real bake, and a second
+(last) round runs only if the real file is still over. Geometry lives in
+tasks/mesh_geometry.py, colour in tasks/mesh_texture.py, UVs in tasks/mesh_unwrap.py,
+writers in tasks/mesh_export.py.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import cv2
 import numpy as np
 
 from tasks import mesh_geometry as geo
-from tasks.mesh_export import Z_UP_TO_Y_UP, glb_bytes, write_obj
+from tasks.mesh_iso import choose_iso_level, silhouette_iou
+from tasks.mesh_export import Z_UP_TO_Y_UP, estimate_glb_bytes, glb_bytes, write_obj
 from tasks.mesh_texture import bake_texture, encode_image, linear_to_srgb, shade, srgb_to_linear
 from tasks.mesh_unwrap import unwrap
 from tasks.nerf.base import get_backend
@@ -41,6 +45,10 @@ class MeshSettings:
     hull_padding: float = 0.05
     chunk_points: int = 262144
     density_threshold: float = 2.5
+    iso_levels: tuple[float, ...] = ()
+    iso_views: int = 8
+    iso_tolerance: float = 0.01
+    iso_work_px: int = 160
     keep_component_fraction: float = 0.1
     hull_cull: bool = True
     hull_grid_dilate_voxels: int = 1
@@ -69,7 +77,12 @@ class MeshSettings:
     min_jpeg_quality: int = 70
     min_texture_size: int = 1024
     min_triangles: int = 20000
-    budget_max_rounds: int = 8
+    budget_max_rounds: int = 2
+    glb_quantize: bool = True
+    texture_bits_per_texel: float = 1.5
+    color_shared_ray: bool = True
+    unwrap_pack_scale: float = 0.5
+    unwrap_faces_per_part: int = 6000
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> None:
@@ -91,6 +104,14 @@ class MeshSettings:
             bad("min_jpeg_quality", f"need 0 < min_jpeg_quality <= jpeg_quality ({self.jpeg_quality}) <= 100")
         if not 0.0 <= self.hull_vote_fraction <= 1.0:
             bad("hull_vote_fraction", "must be within 0..1")
+        if self.budget_max_rounds not in (1, 2):
+            bad("budget_max_rounds", "use 1 or 2 (each round unwraps and bakes once)")
+        if self.texture_bits_per_texel <= 0:
+            bad("texture_bits_per_texel", "must be positive")
+        if self.unwrap_faces_per_part < 0:
+            bad("unwrap_faces_per_part", "use 0 (one piece) or a positive face count")
+        if not 0.0 < self.unwrap_pack_scale <= 1.0:
+            bad("unwrap_pack_scale", "must be within (0, 1]")
 
 
 def meshing_box(field_aabb: np.ndarray, masks: MaskSet, settings: MeshSettings) -> np.ndarray:
@@ -145,6 +166,7 @@ def _colorize(field, vertices, faces, settings: MeshSettings, voxel: float, devi
         return shade(
             field, points, point_normals, settings.color_views, settings.color_cone_deg,
             settings.color_ray_samples, settings.color_ray_half_voxels * voxel, settings.chunk_points, device,
+            shared_ray=settings.color_shared_ray,
         )
 
     out = {"vertices": vertices, "faces": faces, "normals": normals, "colors": shade_fn(vertices, normals)}
@@ -152,15 +174,23 @@ def _colorize(field, vertices, faces, settings: MeshSettings, voxel: float, devi
     if settings.texture_size <= 0:
         return out
     t0 = time.perf_counter()
+    t1 = t0
     try:
+        # Packing at a fraction of the texture's resolution (padding scaled alike) gives the same
+        # layout in 0..1 UVs, coarser only by the packer's chart rasterisation, and packs faster.
+        pack_size = max(64, int(settings.texture_size * settings.unwrap_pack_scale))
+        pack_padding = max(1, round(settings.texture_padding_px * pack_size / settings.texture_size))
+        parts = max(1, round(len(faces) / settings.unwrap_faces_per_part)) if settings.unwrap_faces_per_part > 0 else 1
         vmap, uv_faces, uv = unwrap(
-            vertices, faces, settings.texture_size, settings.texture_padding_px,
-            settings.unwrap_in_subprocess, settings.unwrap_timeout_s,
+            vertices, faces, pack_size, pack_padding, settings.unwrap_in_subprocess, settings.unwrap_timeout_s, parts,
         )
+        t1 = time.perf_counter()
+        timings["unwrap"] = timings.get("unwrap", 0.0) + t1 - t0
         image, coverage = bake_texture(
             vertices[vmap], normals[vmap], uv_faces, uv, settings.texture_size, shade_fn,
             settings.texture_dilate_px, settings.raster_chunk_texels,
         )
+        timings["bake"] = timings.get("bake", 0.0) + time.perf_counter() - t1
         out.update(vmap=vmap, uv_faces=uv_faces, uv=uv, image=image, coverage=coverage)
     except Exception as err:  # noqa: BLE001 - any failure falls back to vertex colours, and says so
         log.warning("texture baking failed, exporting vertex colours: %s", err)
@@ -178,6 +208,72 @@ def _export_arrays(colored: dict) -> dict:
     else:
         v, n, f, uv, colors = colored["vertices"], colored["normals"], colored["faces"], None, colored["colors"]
     return {"vertices": v @ Z_UP_TO_Y_UP.T, "normals": n @ Z_UP_TO_Y_UP.T, "faces": f, "uv": uv, "colors": colors}
+
+
+# Planning constants: a closed triangle mesh has about half as many vertices as triangles, and
+# xatlas' charts split 1.5-2× that along seams (measured 1.46 on a decimated marching-cubes sphere,
+# 2.0 on a wrinkled one).
+_VERTICES_PER_TRIANGLE = 0.5
+_SEAM_FACTOR = 1.75
+
+
+def estimate_texture_bytes(settings: MeshSettings, size: int) -> int:
+    """Planning estimate of the JPEG texture at ``min_jpeg_quality``: ``texture_bits_per_texel`` × size²."""
+    return int(settings.texture_bits_per_texel * size * size / 8)
+
+
+def plan_triangles(settings: MeshSettings, clean_triangles: int) -> tuple[int, dict]:
+    """Triangle target decided before unwrapping: the most (≤ max_triangles) whose estimated GLB
+    fits ``max_glb_bytes`` next to the texture at its floor (min_jpeg_quality, min_texture_size;
+    the texture gives way before triangles). Returns (target, a record of the estimate).
+    """
+    textured = settings.texture_size > 0
+    tex_size = min(settings.texture_size, max(settings.min_texture_size, 64)) if textured else 0
+    texture = estimate_texture_bytes(settings, tex_size) if textured else 0
+    per_vertex = _VERTICES_PER_TRIANGLE * (_SEAM_FACTOR if textured else 1.0)
+
+    def estimate(triangles: int) -> int:
+        return estimate_glb_bytes(int(triangles * per_vertex), triangles, textured, texture, settings.glb_quantize)
+
+    target = min(settings.max_triangles, clean_triangles)
+    if estimate(target) > settings.max_glb_bytes:
+        per_triangle = (estimate(100_000) - estimate(0)) / 100_000
+        target = int((settings.max_glb_bytes - estimate(0)) / per_triangle * 0.97)
+        target = min(settings.max_triangles, max(target, settings.min_triangles))
+    return target, {"triangles": target, "estimated_glb_bytes": estimate(target), "estimated_texture_bytes": texture}
+
+
+def _fit_texture(arrays: dict, colored: dict, settings: MeshSettings, adjustments: list[str], start: tuple):
+    """GLB bytes of one geometry with the best texture encoding that fits the budget.
+
+    Walks down from ``start`` = (format, quality, size) (png → jpeg, quality in steps of 10 to
+    min_jpeg_quality, halving to min_texture_size) only as far as needed; geometry is fixed.
+    Returns (glb, texture bytes or None, format, quality, size).
+    """
+    fmt, quality, size = start
+    texture = None
+    while True:
+        if "image" in colored:
+            texture = _encode(colored["image"], size, fmt, quality, settings.field_color_space)
+            glb = glb_bytes(arrays["vertices"], arrays["normals"], arrays["faces"], settings.roughness,
+                            uv=arrays["uv"], texture=texture, texture_mime=f"image/{fmt}", quantize=settings.glb_quantize)
+        else:
+            colors = arrays["colors"] if settings.field_color_space == "linear" else srgb_to_linear(arrays["colors"])
+            glb = glb_bytes(arrays["vertices"], arrays["normals"], arrays["faces"], settings.roughness,
+                            colors_linear=colors, quantize=settings.glb_quantize)
+        if len(glb) <= settings.max_glb_bytes or texture is None:
+            return glb, texture, fmt, quality, size
+        if fmt == "png":
+            fmt = "jpeg"
+            adjustments.append("texture_format png -> jpeg")
+        elif quality > settings.min_jpeg_quality:
+            quality = max(settings.min_jpeg_quality, quality - 10)
+            adjustments.append(f"jpeg_quality -> {quality}")
+        elif size // 2 >= settings.min_texture_size:
+            size //= 2
+            adjustments.append(f"texture_size -> {size}")
+        else:
+            return glb, texture, fmt, quality, size
 
 
 def extract_mesh(
@@ -207,7 +303,15 @@ def extract_mesh(
     grid = geo.sample_density_grid(radiance, box, settings.grid_resolution, settings.chunk_points, device)
     voxel = float(np.mean((box[1] - box[0]) / (settings.grid_resolution - 1)))
     lap("grid")
-    vertices, faces = geo.grid_to_mesh(grid, box, settings.density_threshold)
+    level, iso_scores = settings.density_threshold, {}
+    if settings.iso_levels:
+        axes = [np.linspace(box[0, k], box[1, k], settings.grid_resolution) for k in range(3)]
+        iso_scores = silhouette_iou(
+            grid, axes, Path(masks.transforms), settings.iso_levels, settings.iso_views, settings.iso_work_px
+        )
+        level = choose_iso_level(iso_scores, settings.iso_tolerance)
+    lap("iso_level")
+    vertices, faces = geo.grid_to_mesh(grid, box, level)
     del grid
     raw_triangles = len(faces)
     lap("marching_cubes")
@@ -220,39 +324,25 @@ def extract_mesh(
     clean_triangles = len(faces)
     lap("cleaning")
 
+    # The budget is decided before the expensive steps (unwrap, bake): triangles are planned from
+    # the byte model of the GLB and an estimate of the texture; the texture's encoding is then
+    # fitted to the real bake (cheap re-encodes). Only a real file still over budget costs a second
+    # round (decimate, unwrap, bake) with triangles from the measured sizes.
     adjustments: list[str] = []
-    target = settings.max_triangles
-    size, fmt, quality = settings.texture_size, settings.texture_format, settings.jpeg_quality
-    for _round in range(settings.budget_max_rounds):
+    target, plan = plan_triangles(settings, len(faces))
+    if target < settings.max_triangles:
+        adjustments.append(f"max_triangles -> {target} (planned)")
+    rounds = 0
+    fmt, quality, size = settings.texture_format, settings.jpeg_quality, settings.texture_size
+    for rounds in range(1, settings.budget_max_rounds + 1):
         clock = time.perf_counter()
         v, f = geo.decimate(vertices, faces, target)
         lap("decimation")
         colored = _colorize(radiance, v, f, settings, voxel, device, timings)
         clock = time.perf_counter()
         arrays = _export_arrays(colored)
-        texture = None
-        while True:
-            if "image" in colored:
-                texture = _encode(colored["image"], size, fmt, quality, settings.field_color_space)
-                glb = glb_bytes(arrays["vertices"], arrays["normals"], arrays["faces"], settings.roughness,
-                                uv=arrays["uv"], texture=texture, texture_mime=f"image/{fmt}")
-            else:
-                colors = arrays["colors"] if settings.field_color_space == "linear" else srgb_to_linear(arrays["colors"])
-                glb = glb_bytes(arrays["vertices"], arrays["normals"], arrays["faces"], settings.roughness, colors_linear=colors)
-            if len(glb) <= settings.max_glb_bytes or texture is None:
-                break
-            # Over budget: texture first (format, quality, size), as far as the floors allow.
-            if fmt == "png":
-                fmt = "jpeg"
-                adjustments.append("texture_format png -> jpeg")
-            elif quality > settings.min_jpeg_quality:
-                quality = max(settings.min_jpeg_quality, quality - 10)
-                adjustments.append(f"jpeg_quality -> {quality}")
-            elif size // 2 >= settings.min_texture_size:
-                size //= 2
-                adjustments.append(f"texture_size -> {size}")
-            else:
-                break
+        # A second round starts from the first's encoding: the texture gave way before triangles were cut.
+        glb, texture, fmt, quality, size = _fit_texture(arrays, colored, settings, adjustments, (fmt, quality, size))
         lap("export")
         if len(glb) <= settings.max_glb_bytes:
             break
@@ -260,23 +350,16 @@ def extract_mesh(
         texture_bytes = len(texture) if texture is not None else 0
         room = settings.max_glb_bytes - texture_bytes - 4096
         new_target = int(len(f) * room / max(len(glb) - texture_bytes, 1) * 0.97)
-        if room <= 0 or len(f) <= settings.min_triangles:
-            new_target = -1
-        elif new_target < settings.min_triangles:
-            new_target = settings.min_triangles
-        if new_target < 0:
+        if room <= 0 or len(f) <= settings.min_triangles or rounds == settings.budget_max_rounds:
             raise MeshBudgetError(
                 f"the GLB needs {len(glb)} bytes with {len(f)} triangles and a {size}px texture (q{quality}) but "
-                f"mesh.max_glb_bytes={settings.max_glb_bytes}: raise max_glb_bytes or lower min_triangles / "
-                "min_texture_size / min_jpeg_quality"
+                f"mesh.max_glb_bytes={settings.max_glb_bytes} (after {rounds} of mesh.budget_max_rounds="
+                f"{settings.budget_max_rounds} rounds: {'; '.join(adjustments) or 'none'}): raise max_glb_bytes "
+                "or lower min_triangles / min_texture_size / min_jpeg_quality"
             )
-        target = new_target
+        target = max(new_target, settings.min_triangles)
         adjustments.append(f"max_triangles -> {target}")
-    else:
-        raise MeshBudgetError(
-            f"the GLB is still {len(glb)} bytes > mesh.max_glb_bytes={settings.max_glb_bytes} after "
-            f"{settings.budget_max_rounds} rounds ({'; '.join(adjustments)}): raise budget_max_rounds or max_glb_bytes"
-        )
+    adjustments.sort(key=lambda step: step.startswith("max_triangles"))  # priority order: texture first
 
     glb_path = out_dir / "model.glb"
     glb_path.write_bytes(glb)
@@ -304,12 +387,17 @@ def extract_mesh(
         "texture_error": colored.get("texture_error"),
         "bbox_world_zup": {"min": colored["vertices"].min(0).tolist(), "max": colored["vertices"].max(0).tolist()},
         "meshing_box": box.tolist(),
+        "iso_level": level,
+        "iso_silhouette_iou": {str(k): round(v, 4) for k, v in iso_scores.items()},
         "triangles_marching_cubes": raw_triangles,
         "triangles_culled_by_hull": culled_triangles,
         "hull_cull": cull_method,
         "components_dropped": dropped,
         "triangles_clean": clean_triangles,
         "budget_adjustments": adjustments,
+        "budget_plan": plan,
+        "budget_rounds": rounds,
+        "glb_quantized": settings.glb_quantize,
         "axes": "GLB and OBJ are +Y up: world (x, y, z) -> (x, z, -y)",
         "seconds": {k: round(v, 3) for k, v in timings.items()},
         "settings": asdict(settings),

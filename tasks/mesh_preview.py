@@ -87,11 +87,38 @@ def _render_points(mesh: trimesh.Trimesh, poses: list[np.ndarray], size: int, sa
     return frames
 
 
+def load_glb_mesh(glb: Path) -> trimesh.Trimesh:
+    """The stage's GLB as one textured (or vertex-coloured) trimesh, +Y up.
+
+    Read with :func:`tasks.mesh_export.read_glb`, not ``trimesh.load``: trimesh 5.2 ignores
+    ``normalized`` on integer accessors, so the KHR_mesh_quantization UVs (uint16) and normals
+    (int8) would come back as raw integers (positions do decode: they are non-normalised).
+    """
+    import io
+
+    from tasks.mesh_export import read_glb
+
+    data = read_glb(Path(glb))
+    pbr = data["json"]["materials"][0].get("pbrMetallicRoughness", {}) if data["json"].get("materials") else {}
+    if data["image"] is not None and data["uv"] is not None:
+        material = trimesh.visual.material.PBRMaterial(
+            baseColorTexture=Image.open(io.BytesIO(data["image"])).convert("RGB"),
+            metallicFactor=pbr.get("metallicFactor", 1.0), roughnessFactor=pbr.get("roughnessFactor", 1.0),
+        )
+        uv = np.stack([data["uv"][:, 0], 1.0 - data["uv"][:, 1]], 1)  # glTF top-left → trimesh bottom-left
+        visual = trimesh.visual.TextureVisuals(uv=uv, material=material)
+    elif data["colors"] is not None:
+        visual = trimesh.visual.ColorVisuals(vertex_colors=np.round(np.clip(data["colors"], 0, 1) * 255).astype(np.uint8))
+    else:
+        visual = None
+    return trimesh.Trimesh(data["vertices"], data["faces"], vertex_normals=data["normals"], visual=visual, process=False)
+
+
 def turntable_preview(glb: Path, out_png: Path, views: int = 8, size: int = 256) -> Path:
     """Render ``glb`` (+Y up) from ``views`` azimuths into one ``[size, views*size]`` PNG strip."""
     if views < 1 or size < 16:
         raise ValueError(f"turntable_preview needs views ≥ 1 and size ≥ 16, got views={views}, size={size}")
-    mesh = trimesh.load(Path(glb), force="mesh")
+    mesh = load_glb_mesh(Path(glb))
     if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
         raise ValueError(f"{glb} holds no triangle mesh to preview")
     centre = mesh.bounds.mean(0)

@@ -59,6 +59,7 @@ def shade(
     ray_half_length: float,
     chunk_points: int,
     device: str,
+    shared_ray: bool = False,
 ) -> np.ndarray:
     """Surface colour in the field's colour space. points, normals ``[N, 3]`` → ``[N, 3]``.
 
@@ -66,7 +67,13 @@ def shade(
     outside to as far inside) and its colours are alpha-composited, normalised by the total
     weight: the iso-surface of a NeRF is not exactly where its colour lives, and the short
     ray finds it. With ``ray_samples = 1`` the surface point itself is queried. Views are averaged.
+
+    ``shared_ray``: one ray along the inverted normal finds where the colour lives (its
+    density-weighted mean depth), and every view's colour is read at that one point: S density
+    + K colour queries per point instead of K × S of each (5 views × 8 samples: 13 instead of 80).
     """
+    if shared_ray:
+        return _shade_shared_ray(field, points, normals, views, cone_deg, ray_samples, ray_half_length, chunk_points, device)
     dirs = view_directions(normals, views, cone_deg)  # [N, K, 3]
     offsets = np.linspace(-ray_half_length, ray_half_length, ray_samples) if ray_samples > 1 else np.zeros(1)
     delta = 2 * ray_half_length / max(ray_samples, 1)
@@ -94,6 +101,40 @@ def shade(
             else:
                 rgb_view = rgb[:, :, 0]
             out[start : start + n] = rgb_view.mean(1).clamp(0, 1).cpu().numpy()
+    return out
+
+
+def _shade_shared_ray(
+    field, points: np.ndarray, normals: np.ndarray, views: int, cone_deg: float, ray_samples: int,
+    ray_half_length: float, chunk_points: int, device: str,
+) -> np.ndarray:
+    """:func:`shade` with one depth-finding ray per point along ``-normal`` (see its docstring)."""
+    k = max(views, 1)
+    s = max(ray_samples, 1)
+    step = max(1, chunk_points // max(k, s))
+    offsets = torch.linspace(-ray_half_length, ray_half_length, s, device=device) if s > 1 else torch.zeros(1, device=device)
+    delta = 2 * ray_half_length / s
+    out = np.empty((len(points), 3), dtype=np.float32)
+    with torch.no_grad():
+        for start in range(0, len(points), step):
+            p = torch.from_numpy(np.ascontiguousarray(points[start : start + step], dtype=np.float32)).to(device)
+            nrm = normals[start : start + step]
+            inward = -torch.from_numpy(np.ascontiguousarray(nrm, dtype=np.float32)).to(device)
+            if s > 1:
+                samples = p[:, None, :] + inward[:, None, :] * offsets[None, :, None]  # [n, S, 3]
+                sigma = field.density(samples.reshape(-1, 3)).float().reshape(-1, s).to(device)
+                alpha = 1.0 - torch.exp(-sigma.clamp(min=0) * delta)
+                transmittance = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha[:, :-1]], -1), -1)
+                weight = alpha * transmittance
+                total = weight.sum(-1)
+                depth = (weight * offsets[None, :]).sum(-1) / total.clamp(min=1e-6)
+                depth = torch.where(total > 1e-4, depth, torch.zeros_like(depth))  # no density: the point itself
+                p = p + inward * depth[:, None]
+            dirs = torch.from_numpy(view_directions(nrm, k, cone_deg).astype(np.float32)).to(device)  # [n, K, 3]
+            n = len(p)
+            flat_pts = p[:, None, :].expand(n, dirs.shape[1], 3).reshape(-1, 3)
+            rgb = field.color(flat_pts, dirs.reshape(-1, 3)).float().reshape(n, dirs.shape[1], 3)
+            out[start : start + n] = rgb.mean(1).clamp(0, 1).cpu().numpy()
     return out
 
 

@@ -21,36 +21,83 @@ class UnwrapError(RuntimeError):
     """xatlas failed (crashed, timed out or gave more than one atlas)."""
 
 
-def _unwrap(vertices: np.ndarray, faces: np.ndarray, texture_size: int, padding_px: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def partition_faces(vertices: np.ndarray, faces: np.ndarray, parts: int) -> np.ndarray:
+    """``[F]`` part label of each face: ``parts`` compact, equal pieces (recursive median splits of the
+    face centroids along the longest side of each piece's box)."""
+    labels = np.zeros(len(faces), dtype=np.int64)
+    if parts <= 1 or len(faces) < 2 * parts:
+        return labels
+    centroids = vertices[faces].mean(1)
+    groups = [np.arange(len(faces))]
+    while len(groups) < parts:
+        groups.sort(key=len)
+        group = groups.pop()
+        c = centroids[group]
+        axis = int(np.argmax(c.max(0) - c.min(0)))
+        order = group[np.argsort(c[:, axis], kind="stable")]
+        groups += [order[: len(order) // 2], order[len(order) // 2 :]]
+    for label, group in enumerate(groups):
+        labels[group] = label
+    return labels
+
+
+def _unwrap(
+    vertices: np.ndarray, faces: np.ndarray, texture_size: int, padding_px: int, parts: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """xatlas on ``parts`` pieces of the mesh, packed into one atlas.
+
+    xatlas' chart growing is far worse than linear in a mesh's size (100k decimated marching-cubes
+    faces: 100 s on an H100 host) and it charts separate meshes on separate threads: 16 pieces
+    of the same mesh took 2.3 s there, for +3 % charts and +1 % vertices (cut along the pieces).
+    """
     import xatlas
 
+    labels = partition_faces(vertices, faces, parts)
     atlas = xatlas.Atlas()
-    atlas.add_mesh(np.ascontiguousarray(vertices, dtype=np.float32), np.ascontiguousarray(faces, dtype=np.uint32))
+    pieces = []
+    for label in range(int(labels.max()) + 1):
+        used, local = np.unique(faces[labels == label], return_inverse=True)
+        if len(used) == 0:
+            continue
+        pieces.append((used, np.flatnonzero(labels == label)))
+        atlas.add_mesh(np.ascontiguousarray(vertices[used], dtype=np.float32), local.reshape(-1, 3).astype(np.uint32))
     pack = xatlas.PackOptions()
     pack.resolution = int(texture_size)  # texels-per-unit is then estimated to roughly fill this size
     pack.padding = int(padding_px)
     pack.bilinear = True  # leave room for bilinear filtering at chart borders
+    # Charts on 4×4 texel blocks: fewer places to try, so packing is faster (100k faces: 44 → 31 s on
+    # two busy cores) and utilisation was no worse (0.85 vs 0.84).
+    pack.blockAlign = True
     atlas.generate(xatlas.ChartOptions(), pack)
     if atlas.atlas_count != 1:
         raise UnwrapError(f"xatlas packed {atlas.atlas_count} atlases; expected one")
-    vmapping, new_faces, uv = atlas.get_mesh(0)
-    return vmapping.astype(np.int64), new_faces.astype(np.int64), uv.astype(np.float64)
+    vmaps, new_faces, uvs = [], np.empty((len(faces), 3), dtype=np.int64), []
+    offset = 0
+    for index, (used, face_ids) in enumerate(pieces):
+        vmapping, piece_faces, uv = atlas.get_mesh(index)
+        vmaps.append(used[vmapping.astype(np.int64)])
+        new_faces[face_ids] = piece_faces.astype(np.int64) + offset  # faces keep their input order
+        uvs.append(uv.astype(np.float64))
+        offset += len(vmapping)
+    return np.concatenate(vmaps), new_faces, np.concatenate(uvs)
 
 
 def unwrap(
-    vertices: np.ndarray, faces: np.ndarray, texture_size: int, padding_px: int, in_subprocess: bool, timeout_s: float
+    vertices: np.ndarray, faces: np.ndarray, texture_size: int, padding_px: int, in_subprocess: bool, timeout_s: float,
+    parts: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Charts and packs the mesh into one texture.
 
     vertices ``[V, 3]``, faces ``[F, 3]`` → ``vmapping [V']`` (source vertex of each new vertex;
     vertices are split along chart seams), ``faces [F, 3]`` into the new vertices, ``uv [V', 2]``
-    in 0..1 (origin bottom-left, v up: the OBJ convention).
+    in 0..1 (origin bottom-left, v up: the OBJ convention). ``parts``: xatlas charts that many
+    pieces of the mesh in parallel (see :func:`_unwrap`).
     """
     if not in_subprocess:
-        return _unwrap(vertices, faces, texture_size, padding_px)
+        return _unwrap(vertices, faces, texture_size, padding_px, parts)
     with tempfile.TemporaryDirectory(prefix="korokoro-unwrap-") as tmp:
         src, dst = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
-        np.savez(src, vertices=vertices, faces=faces, size=texture_size, padding=padding_px)
+        np.savez(src, vertices=vertices, faces=faces, size=texture_size, padding=padding_px, parts=parts)
         env = dict(os.environ)
         package_root = str(Path(__file__).resolve().parent.parent)  # so the child finds `tasks`
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
@@ -71,5 +118,5 @@ def unwrap(
 
 if __name__ == "__main__":
     with np.load(sys.argv[1]) as job:
-        vmapping, new_faces, uv = _unwrap(job["vertices"], job["faces"], int(job["size"]), int(job["padding"]))
+        vmapping, new_faces, uv = _unwrap(job["vertices"], job["faces"], int(job["size"]), int(job["padding"]), int(job["parts"]))
     np.savez(sys.argv[2], vmapping=vmapping, faces=new_faces, uv=uv)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import trimesh
 import yaml
 from PIL import Image
@@ -16,10 +17,12 @@ from scipy.spatial import cKDTree
 import tasks.mesh as mesh_stage
 import tasks.mesh_preview as preview
 from tasks.mesh import MeshBudgetError, MeshSettings, extract_mesh
-from tasks.mesh_export import Z_UP_TO_Y_UP
+from tasks.mesh_export import Z_UP_TO_Y_UP, read_glb
 from tasks.mesh_geometry import EmptyFieldError
 from tasks.mesh_texture import srgb_to_linear
 from tasks.mesh_unwrap import UnwrapError
+from tasks.nerf.base import register_backend
+from tasks.types import TrainedField
 from tests.analytic_field import AnalyticField, SphereSpec, quadrant_color, write_analytic_field, write_masks
 
 SPHERE = SphereSpec()
@@ -110,7 +113,7 @@ def test_glb_is_y_up(web_run):
 
 def test_texture_has_the_pattern(web_run):
     asset, metrics = web_run
-    glb = trimesh.load(asset.glb, force="mesh")
+    glb = preview.load_glb_mesh(asset.glb)  # trimesh.load would leave the quantized UVs as raw uint16
     image = np.asarray(glb.visual.material.baseColorTexture.convert("RGB"), dtype=np.float64) / 255
     size = image.shape[0]
     face_uv = glb.visual.uv[glb.faces].mean(1)
@@ -147,20 +150,23 @@ def test_vertex_colours_fallback(tmp_path, monkeypatch, how):
     asset = run(tmp_path, SPHERE, settings)
     metrics = json.loads(asset.metrics.read_text())
     assert (metrics["texture_error"] is not None) == (how == "unwrap_crashes")
-    (glb,) = trimesh.load(asset.glb, process=False).geometry.values()  # force="mesh" drops COLOR_0
-    # trimesh keeps COLOR_0 (linear) as a vertex attribute when the primitive also has a material.
-    colours = np.asarray(glb.visual.vertex_attributes["color"])[:, :3]
-    colours = colours / 255 if colours.dtype.kind in "ui" else colours
-    pos = to_world(glb.vertices)
+    # COLOR_0 (linear, normalised ubyte) decoded by the GLB reader (trimesh leaves quantized
+    # scene geometry untransformed unless force="mesh", which drops COLOR_0).
+    glb = read_glb(asset.glb)
+    assert glb["uv"] is None and glb["image"] is None
+    colours = glb["colors"][:, :3]
+    pos = to_world(glb["vertices"])
     keep = off_boundaries(pos)
     error = np.abs(colours - quadrant_color(pos, CENTRE)).max(1)[keep]
     assert np.mean(error < 0.05) > 0.95
-    assert glb.visual.material.metallicFactor == 0.0
+    assert glb["json"]["materials"][0]["pbrMetallicRoughness"]["metallicFactor"] == 0.0
+    loaded = trimesh.load(asset.glb, force="mesh")
+    np.testing.assert_allclose(loaded.vertices, glb["vertices"], atol=1e-6)  # trimesh agrees on positions
     obj = trimesh.load(asset.obj, force="mesh")
-    assert len(obj.faces) == len(glb.faces)
+    assert len(obj.faces) == len(glb["faces"])
     # OBJ vertex colours ("v x y z r g b", sRGB as three.js OBJLoader reads them).
     rows = np.array([line.split()[1:] for line in asset.obj.read_text().splitlines() if line.startswith("v ")], dtype=float)
-    assert rows.shape == (len(glb.vertices), 6)
+    assert rows.shape == (len(glb["vertices"]), 6)
     obj_pos = to_world(rows[:, :3])
     error = np.abs(srgb_to_linear(rows[:, 3:]) - quadrant_color(obj_pos, CENTRE)).max(1)[off_boundaries(obj_pos)]
     assert np.mean(error < 0.05) > 0.95
@@ -190,10 +196,43 @@ def test_empty_field_has_a_clear_error(tmp_path):
         run(tmp_path, replace(SPHERE, empty=True), replace(FAST, grid_resolution=32))
 
 
-def test_glb_budget_lowers_texture_then_triangles(tmp_path):
+def count_unwraps(monkeypatch) -> list[int]:
+    """Seam: every call of the stage's unwrap is recorded (its triangle count) and then run."""
+    calls: list[int] = []
+    real = mesh_stage.unwrap
+
+    def counted(vertices, faces, *args, **kwargs):
+        calls.append(len(faces))
+        return real(vertices, faces, *args, **kwargs)
+
+    monkeypatch.setattr(mesh_stage, "unwrap", counted)
+    return calls
+
+
+def test_budget_is_planned_before_unwrapping(tmp_path, monkeypatch):
+    """Geometry alone is over the budget at max_triangles: the plan cuts triangles, one unwrap."""
+    calls = count_unwraps(monkeypatch)
+    settings = replace(FAST, max_glb_bytes=45_000, unwrap_in_subprocess=False)
+    asset = run(tmp_path, SPHERE, settings)
+    metrics = json.loads(asset.metrics.read_text())
+    assert len(calls) == 1 and metrics["budget_rounds"] == 1
+    assert calls[0] == metrics["triangles"] < settings.max_triangles
+    planned = metrics["budget_plan"]["triangles"]
+    assert planned >= metrics["triangles"] > 0.95 * planned  # decimation lands at or just under its target
+    assert metrics["budget_adjustments"][-1] == f"max_triangles -> {planned} (planned)"
+    assert asset.glb.stat().st_size <= settings.max_glb_bytes
+    assert metrics["texture_size"] == settings.texture_size  # the texture was not given up for it
+
+
+def test_glb_budget_lowers_texture_then_triangles(tmp_path, monkeypatch):
+    """A plan that missed (here: no plan at all) costs one more round, never more."""
+    calls = count_unwraps(monkeypatch)
+    monkeypatch.setattr(mesh_stage, "plan_triangles", lambda settings, n: (settings.max_triangles, {}))
     settings = replace(FAST, texture_format="png", max_glb_bytes=45_000, unwrap_in_subprocess=False)
     asset = run(tmp_path, SPHERE, settings)
     metrics = json.loads(asset.metrics.read_text())
+    assert len(calls) == 2 and metrics["budget_rounds"] == 2
+    assert calls[0] == settings.max_triangles and calls[1] == metrics["triangles"]
     steps = metrics["budget_adjustments"]
     assert steps[0] == "texture_format png -> jpeg"
     assert any(s.startswith("texture_size") for s in steps)
@@ -202,6 +241,16 @@ def test_glb_budget_lowers_texture_then_triangles(tmp_path):
     assert max(i for i, s in enumerate(steps) if s.startswith("texture")) < min(i for i, s in enumerate(steps) if s.startswith("max_tri"))
     assert asset.glb.stat().st_size <= settings.max_glb_bytes
     assert metrics["triangles"] < settings.max_triangles and metrics["texture_format"] == "jpeg"
+
+
+def test_budget_gives_up_after_two_unwraps(tmp_path, monkeypatch):
+    calls = count_unwraps(monkeypatch)
+    monkeypatch.setattr(mesh_stage, "plan_triangles", lambda settings, n: (settings.max_triangles, {}))
+    # Not even min_triangles with a 128 px texture fits 20 kB; only two rounds are allowed to find out.
+    settings = replace(FAST, max_glb_bytes=20_000, min_triangles=1500, unwrap_in_subprocess=False)
+    with pytest.raises(MeshBudgetError, match="budget_max_rounds=2"):
+        run(tmp_path, SPHERE, settings)
+    assert len(calls) == 2
 
 
 def test_impossible_budget_has_a_clear_error(tmp_path):
@@ -241,3 +290,105 @@ def test_bad_settings_name_the_key():
         replace(FAST, texture_format="webp")
     with pytest.raises(ValueError, match="mesh.min_triangles"):
         replace(FAST, min_triangles=10 * FAST.max_triangles)
+
+
+def test_quantized_glb_round_trip():
+    """KHR_mesh_quantization: the accessors decode (own reader, and trimesh for positions) to the mesh."""
+    import io
+
+    from tasks.mesh_export import QUANTIZATION, glb_bytes
+
+    sphere = trimesh.creation.icosphere(subdivisions=7, radius=0.4)  # 163842 vertices: split into 16-bit runs
+    rng = np.random.default_rng(0)
+    vertices = sphere.vertices + np.array([0.1, 0.3, -0.2])
+    normals, faces = np.asarray(sphere.vertex_normals), np.asarray(sphere.faces)
+    uv = rng.random((len(vertices), 2))
+    data = glb_bytes(vertices, normals, faces, 0.7, uv=uv, texture=b"\xff\xd8jpeg", texture_mime="image/jpeg")
+    out = read_glb(data)
+    tree = out["json"]
+    assert tree["extensionsUsed"] == [QUANTIZATION] and tree["extensionsRequired"] == [QUANTIZATION]
+    primitives = tree["meshes"][0]["primitives"]
+    assert len(primitives) >= 3
+    for prim in primitives:
+        acc = {k: tree["accessors"][i] for k, i in prim["attributes"].items()}
+        assert (acc["POSITION"]["componentType"], acc["POSITION"].get("normalized", False)) == (5123, False)
+        assert (acc["NORMAL"]["componentType"], acc["NORMAL"]["normalized"]) == (5120, True)
+        assert (acc["TEXCOORD_0"]["componentType"], acc["TEXCOORD_0"]["normalized"]) == (5123, True)
+        assert tree["accessors"][prim["indices"]]["componentType"] == 5123  # 16-bit indices everywhere
+        for a in acc.values():  # vertex elements 4-byte aligned
+            assert tree["bufferViews"][a["bufferView"]].get("byteStride", 4) % 4 == 0
+    # Same triangles, corner by corner, within the quantisation steps.
+    step = tree["nodes"][0]["scale"][0]
+    assert step == pytest.approx(np.ptp(vertices, 0).max() / 65535)
+    assert len(out["faces"]) == len(faces)
+    np.testing.assert_allclose(out["vertices"][out["faces"]], vertices[faces], atol=0.5 * step + 1e-9)
+    assert np.abs(out["normals"][out["faces"]] - normals[faces]).max() < 1.5 / 127
+    gl_uv = np.stack([uv[:, 0], 1 - uv[:, 1]], 1)
+    np.testing.assert_allclose(out["uv"][out["faces"]], gl_uv[faces], atol=0.5 / 65535 + 1e-9)
+    assert out["image"] == b"\xff\xd8jpeg"
+    # trimesh 5.2 applies the node's dequantising scale/translation to the (non-normalised) positions.
+    loaded = trimesh.load(io.BytesIO(data), file_type="glb", force="mesh")
+    np.testing.assert_allclose(loaded.vertices[loaded.faces], vertices[faces], atol=0.5 * step + 1e-9)
+    # The float32 option: exact floats, no extension, about twice the bytes.
+    plain = glb_bytes(vertices, normals, faces, 0.7, uv=uv, texture=b"\xff\xd8jpeg", quantize=False)
+    back = read_glb(plain)
+    assert "extensionsRequired" not in back["json"]
+    np.testing.assert_allclose(back["vertices"], vertices, atol=1e-6)
+    assert len(data) < 0.6 * len(plain)
+
+
+# --- The web preset on a ~1M-triangle marching-cubes mesh: a wrinkled, finely patterned sphere.
+BUMPY = SphereSpec(centre=(0.0, 0.0, 0.0), radius=0.9)
+
+
+class BumpyField(AnalyticField):
+    """A 0.9 sphere with sin·sin·sin wrinkles (0.8M marching-cubes triangles at 256³, 5× the plain
+    test sphere's 0.15M) and a fine colour wave on the quadrants (a JPEG that costs bytes)."""
+
+    def _signed_distance(self, points):
+        k = 60.0
+        wrinkles = torch.sin(k * points[:, 0]) * torch.sin(k * points[:, 1]) * torch.sin(k * points[:, 2])
+        return torch.linalg.norm(points, dim=-1) - self.spec.radius + 0.04 * wrinkles
+
+    def color(self, points, directions):
+        phase = torch.tensor([0.0, 2.0, 4.0], device=points.device)
+        wave = 0.15 * torch.sin(60.0 * points[:, :1] + phase) * torch.cos(60.0 * points[:, 2:3])
+        return (super().color(points, directions) + wave).clamp(0, 1)
+
+
+class _BumpyBackend:
+    name = "analytic_bumpy"
+
+    def load(self, out_dir, device="cpu"):
+        return BumpyField(BUMPY, device)
+
+
+register_backend("analytic_bumpy")(_BumpyBackend)
+
+
+def test_web_preset_meets_the_commerce_budget(tmp_path, monkeypatch):
+    """≤ 100k triangles, ≤ 3 MB and a 2048² texture from a ~1M-triangle mesh, unwrapping at most twice."""
+    calls = count_unwraps(monkeypatch)
+    path = Path(__file__).resolve().parents[1] / "conf" / "mesh" / "web.yaml"
+    # The masks here are a deliberately loose hull (0.95 sphere), so the iso-level is fixed rather
+    # than fitted to them (tests/test_mesh_iso.py covers the fitting).
+    settings = replace(
+        MeshSettings(**yaml.safe_load(path.read_text())), density_threshold=BUMPY.sigma_max / 2, iso_levels=()
+    )
+    (tmp_path / "field").mkdir()
+    (tmp_path / "field" / "metrics.json").write_text("{}")
+    field = TrainedField(dir=tmp_path / "field", backend="analytic_bumpy", metrics=tmp_path / "field" / "metrics.json", fingerprint="b")
+    # The masks show a 0.95 sphere: the wrinkles' crests stay inside the hull.
+    masks = write_masks(tmp_path / "masks", AnalyticField(BUMPY), views=8, size=64, hull_spec=replace(BUMPY, radius=0.95))
+    asset = extract_mesh(field, masks, tmp_path / "mesh", settings, fingerprint="fp-web")
+    metrics = json.loads(asset.metrics.read_text())
+    assert metrics["triangles_marching_cubes"] > 750_000
+    assert 0.9 * settings.max_triangles < metrics["triangles"] <= 100_000
+    assert asset.glb.stat().st_size == metrics["glb_bytes"] <= 3_000_000
+    assert len(calls) <= 2 and metrics["budget_rounds"] == len(calls)
+    assert metrics["texture_size"] == 2048 and not any(s.startswith("texture_size") for s in metrics["budget_adjustments"])
+    glb = read_glb(asset.glb)
+    assert Image.open(__import__("io").BytesIO(glb["image"])).size == (2048, 2048)
+    assert len(glb["faces"]) == metrics["triangles"]
+    radius = np.linalg.norm(glb["vertices"], axis=1)  # centred at the origin: +Y up changes no radius
+    assert np.abs(radius - BUMPY.radius).max() < 0.05

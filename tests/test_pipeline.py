@@ -121,3 +121,29 @@ def test_broken_upload_fails_with_reason_and_worker_goes_on(data_dir, tmp_path) 
     assert broken.error.startswith("frames:")
     assert store.get("broken-2").status == "FAILED"
     assert store.object_exists(broken.video_link)  # the input is kept
+
+
+def test_viewer_shows_the_model_the_pipeline_made(first_run, data_dir, tmp_path) -> None:
+    import threading
+
+    from flows.viewer_server import make_server
+    from tests.test_viewer import browser_skip_reason, non_background_fraction, run_browser
+
+    reason = browser_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    assert first_run.status == "DONE", first_run.error
+    storage = _config(data_dir)["storage"]
+    server = make_server(Path(storage["root"]), storage["bucket"], "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        scenario = {"name": "basket", "path": "/product.html?id=basket-1", "screenshot": "pipeline-basket.png"}
+        report = run_browser(server, [scenario], tmp_path, "pipeline")
+    finally:
+        server.shutdown()
+        server.server_close()
+    page = report["results"][0]
+    assert page["state"] == "loaded", page["message"]
+    assert page["model_visible"] is True
+    assert non_background_fraction(Path(page["screenshot"])) > 0.01
