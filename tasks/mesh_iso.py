@@ -37,13 +37,18 @@ def silhouette_iou(
     levels: Sequence[float],
     views: int,
     work_px: int = 160,
+    max_cells: int = 96,
 ) -> dict[float, float]:
     """Mean IoU between masks and the silhouettes of ``density > level``, for each level.
 
     density ``[X, Y, Z]`` sampled where ``axes`` (three 1-D coordinate arrays) cross;
     ``views`` masks, evenly picked, shrunk so their longer side is ``work_px`` (the test is
-    about outlines, not detail).
+    about outlines, not detail). The grid is thinned to at most ``max_cells`` per axis for the
+    same reason: a 256³ grid costs 20x the time and changes no outline at ``work_px``.
     """
+    stride = max(1, -(-max(density.shape) // max_cells))
+    density = density[::stride, ::stride, ::stride]
+    axes = [np.asarray(a)[::stride] for a in axes]
     cams = load_views(transforms)
     root = Path(transforms).parent
     meta = cams.raw["frames"]
@@ -72,6 +77,10 @@ def silhouette_iou(
 
 
 def choose_iso_level(scores: dict[float, float], tolerance: float) -> float:
-    """The highest level whose IoU is within ``tolerance`` of the best: as tight as the masks allow."""
+    """The lowest level whose IoU is within ``tolerance`` of the best.
+
+    Of the levels that match the masks about equally well, the loosest keeps thin parts: on the
+    H100 basket run the best-scoring level (288) cut holes (F-score 0.36) where 85 gave 0.51.
+    """
     best = max(scores.values())
-    return max(level for level, iou in scores.items() if iou >= best - tolerance)
+    return min(level for level, iou in scores.items() if iou >= best - tolerance)

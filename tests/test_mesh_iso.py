@@ -52,7 +52,8 @@ def test_fog_shell_is_left_out(tmp_path: Path) -> None:
     assert scores[5.0] < scores[10.0] - 0.2  # the fog's outline is far bigger than the masks
     assert scores[10.0] > 0.9 and scores[40.0] > 0.9
     assert scores[200.0] == 0.0  # above every density: nothing left
-    assert choose_iso_level(scores, tolerance=0.01) == 40.0  # the tightest level that still fits
+    assert choose_iso_level(scores, tolerance=0.01) == 10.0  # the loosest level above the fog
+    assert choose_iso_level({5.0: 0.5, 10.0: 0.90, 40.0: 0.95}, tolerance=0.01) == 40.0  # unless it fits worse
 
 
 def test_faint_product_is_not_cut_away(tmp_path: Path) -> None:
@@ -60,4 +61,5 @@ def test_faint_product_is_not_cut_away(tmp_path: Path) -> None:
     transforms = write_sphere_masks(tmp_path / "masks")
     density, axes = _grid(inner=12.0, fog=0.0, fog_radius=0.6)
     scores = silhouette_iou(density, axes, transforms, [5.0, 10.0, 40.0], views=8, work_px=96)
-    assert choose_iso_level(scores, tolerance=0.01) == 10.0
+    assert scores[40.0] == 0.0  # a fixed level of 40 would lose the whole product
+    assert choose_iso_level(scores, tolerance=0.01) < 12.0
