@@ -7,7 +7,9 @@ implements the same methods with the same meaning, so flows never know which one
 
 from __future__ import annotations
 
+import mimetypes
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -53,6 +55,20 @@ def safe_file_name(name: str) -> str:
     """A seller's file name reduced to the safe alphabet (kept so errors can name the file)."""
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).name).lstrip("._") or "video"
     return stem[-100:]
+
+
+def upload_video(store: "ProductStore", video: Path, unique_id: str | None) -> tuple[str, str]:
+    """Check a seller's video, pick its unique_id and put it in the bucket; ``(uid, key)``.
+
+    Every backend's ``enqueue`` starts here, so ids and video keys follow one rule.
+    """
+    video = Path(video)
+    if not video.is_file():
+        raise StoreError(f"video {video} does not exist or is not a file")
+    uid = check_unique_id(unique_id or uuid.uuid4().hex[:16])
+    key = f"videos/{uid}/{safe_file_name(video.name)}"
+    store.put_object(key, video, mimetypes.guess_type(video.name)[0] or "video/mp4")
+    return uid, key
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ import shutil
 import sqlite3
 import tempfile
 import time
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -22,7 +21,7 @@ from tasks.storage.base import (
     StoreError,
     check_object_key,
     check_unique_id,
-    safe_file_name,
+    upload_video,
     register_store,
 )
 from tasks.types import Product
@@ -107,12 +106,7 @@ class LocalStore:
 
     # -- queue ------------------------------------------------------------------------------
     def enqueue(self, title: str, category: str, video: Path, unique_id: str | None = None) -> Product:
-        video = Path(video)
-        if not video.is_file():
-            raise StoreError(f"video {video} does not exist or is not a file")
-        uid = check_unique_id(unique_id or uuid.uuid4().hex[:16])
-        key = f"videos/{uid}/{safe_file_name(video.name)}"
-        self.put_object(key, video, "video/mp4")
+        uid, key = upload_video(self, video, unique_id)
         now = time.time()
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")

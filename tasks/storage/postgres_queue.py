@@ -12,7 +12,6 @@ self-hosted PostgreSQL and for tests of the SQL. It is not registered with ``ope
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,7 +21,7 @@ from tasks.storage.base import (
     StoreError,
     check_object_key,
     check_unique_id,
-    safe_file_name,
+    upload_video,
 )
 from tasks.storage.local import LocalStore
 from tasks.types import Product
@@ -166,12 +165,7 @@ class PostgresStore(PostgresQueue, LocalStore):
         self.bucket.mkdir(parents=True, exist_ok=True)
 
     def enqueue(self, title: str, category: str, video: Path, unique_id: str | None = None) -> Product:
-        video = Path(video)
-        if not video.is_file():
-            raise StoreError(f"video {video} does not exist or is not a file")
-        uid = check_unique_id(unique_id or uuid.uuid4().hex[:16])
-        key = f"videos/{uid}/{safe_file_name(video.name)}"
-        self.put_object(key, video, "video/mp4")
+        uid, key = upload_video(self, video, unique_id)
         return self.enqueue_row(uid, title, category, key)
 
     def mark_done(self, unique_id: str, manifest_key: str) -> Product:

@@ -14,12 +14,10 @@ appears in a repr, a log line or an exception message: client errors are re-rais
 from __future__ import annotations
 
 import logging
-import mimetypes
 import os
 import re
 import tempfile
 import urllib.parse
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
@@ -32,7 +30,7 @@ from tasks.storage.base import (
     check_object_key,
     check_unique_id,
     register_store,
-    safe_file_name,
+    upload_video,
 )
 from tasks.storage.postgres_queue import lease_text, product_from_row
 from tasks.types import Product
@@ -211,12 +209,7 @@ class SupabaseStore:
 
     # -- queue ------------------------------------------------------------------------------
     def enqueue(self, title: str, category: str, video: Path, unique_id: str | None = None) -> Product:
-        video = Path(video)
-        if not video.is_file():
-            raise StoreError(f"video {video} does not exist or is not a file")
-        uid = check_unique_id(unique_id or uuid.uuid4().hex[:16])
-        key = f"videos/{uid}/{safe_file_name(video.name)}"
-        self.put_object(key, video, mimetypes.guess_type(video.name)[0] or "video/mp4")
+        uid, key = upload_video(self, video, unique_id)
         rows = self._rpc(
             f"enqueue {uid}", "enqueue_product",
             {"uid": uid, "title": title, "category": category, "video_link": key},
