@@ -14,7 +14,6 @@ import json
 import platform
 import resource
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 

@@ -34,7 +34,6 @@ from scipy import ndimage
 from tasks import isolation_geometry as geo
 from tasks.isolation_outputs import write_outputs
 from tasks.segment_grabcut import _box, _disc_kernel, grabcut_first_pass, hull_trimap, run_grabcut
-from tasks.segment_grabcut import box_trimap, keep_main_components  # noqa: F401  (re-exported)
 from tasks.types import CameraRig, Detections, MaskSet
 
 
