@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-COMMANDS = ("run", "add", "queue", "list", "view")
 CONF_DIR = Path(os.environ.get("KOROKORO_CONF", Path(__file__).resolve().parent.parent / "conf"))
 
 
@@ -110,6 +109,7 @@ HANDLERS: dict[str, Callable[[dict[str, Any]], int]] = {
     "list": cmd_list,
     "view": cmd_view,
 }
+COMMANDS = tuple(HANDLERS)
 
 
 def main(argv: list[str] | None = None) -> None:
