@@ -270,9 +270,8 @@ def store(backend: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypa
     cluster = request.getfixturevalue("pg_cluster")
     dsn = new_database(cluster)
     if backend == "postgres":
-        from tasks.storage.postgres_queue import PostgresStore
-
-        yield PostgresStore(settings, dsn)
+        monkeypatch.setenv("KOROKORO_PG_DSN", dsn)  # as `storage=postgres` opens it: conf + environment
+        yield open_store(settings)
         return
     fake = FakeSupabase(dsn)
     monkeypatch.setenv("SUPABASE_URL", fake.url)

@@ -206,3 +206,37 @@ def test_supabase_policies_on_a_stub_of_supabase(pg_db: str, pg_cluster: Cluster
         assert claim(conn, "service-worker")["unique_id"] == "q0001"
         assert len(conn.execute("SELECT name FROM storage.objects").fetchall()) == 3
         conn.execute("RESET ROLE")
+
+
+def test_storage_postgres_opens_from_conf_and_environment(pg_db: str, tmp_path, monkeypatch) -> None:
+    """`storage=postgres` as a worker subprocess opens it: the composed conf + KOROKORO_PG_DSN."""
+    import pickle
+
+    from flows.config import compose_config
+    from tasks.storage import StoreError, open_store
+
+    monkeypatch.setenv("KOROKORO_DATA", str(tmp_path / "data"))
+    cfg = compose_config(["storage=postgres"])
+    assert cfg["storage"]["backend"] == "postgres"
+    monkeypatch.delenv("KOROKORO_PG_DSN", raising=False)
+    with pytest.raises(StoreError, match="needs KOROKORO_PG_DSN in the environment"):
+        open_store(cfg["storage"])
+    monkeypatch.setenv("KOROKORO_PG_DSN", pg_db)
+    store = open_store(cfg["storage"])
+    (video := tmp_path / "v.mp4").write_bytes(b"video bytes")
+    assert store.enqueue("mug", "cup", video, "pg-1").status == "IDLE"
+    assert store.claim_next("w", 60, 3).unique_id == "pg-1"
+    assert pg_db not in repr(store) and pg_db.encode() not in pickle.dumps(store)
+    assert pickle.loads(pickle.dumps(store)).get("pg-1").status == "PROCESSING"
+
+
+def test_postgres_errors_never_show_the_dsn_or_its_password(tmp_path, monkeypatch) -> None:
+    from tasks.storage import StoreError, open_store
+
+    secret = "s3cretPassw0rdDONOTLEAK"
+    monkeypatch.setenv("KOROKORO_PG_DSN", f"postgresql://korokoro:{secret}@127.0.0.1:9/nodb?connect_timeout=2")
+    store = open_store({"backend": "postgres", "root": str(tmp_path / "store")})
+    with pytest.raises(StoreError) as info:
+        store.get("p1")
+    text = "".join(__import__("traceback").format_exception(info.value))
+    assert "get failed" in text and secret not in text and info.value.__cause__ is None

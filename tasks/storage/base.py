@@ -138,6 +138,7 @@ def open_store(settings: StorageSettings | dict[str, Any]) -> ProductStore:
     if isinstance(settings, dict):
         settings = StorageSettings(**settings)
     if settings.backend == "supabase": import tasks.storage.supabase  # noqa: E701,F401  (registers "supabase")
+    if settings.backend == "postgres": import tasks.storage.postgres_queue  # noqa: E701,F401  (registers "postgres")
     if settings.backend not in _BACKENDS:
         raise StoreError(f"unknown storage backend {settings.backend!r}; choose one of: {', '.join(sorted(_BACKENDS))}")
     return _BACKENDS[settings.backend](settings)

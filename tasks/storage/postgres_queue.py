@@ -2,8 +2,11 @@
 ``infra/supabase/001_products_queue.sql`` (the same ones the Supabase backend calls over HTTP).
 
 :class:`PostgresStore` pairs that queue with a folder bucket (the local backend's), for a
-self-hosted PostgreSQL and for tests of the SQL. It is not registered with ``open_store``
-(``StorageSettings`` has no DSN field); construct it directly. Needs ``psycopg`` (v3).
+self-hosted PostgreSQL shared by several workers on one machine (or one shared folder), and for
+tests of the SQL. ``storage=postgres`` opens it; the connection string comes from the
+environment only (``KOROKORO_PG_DSN``, libpq syntax: ``host=... dbname=... user=...`` or
+``postgresql://...``), never from conf, and never appears in a repr or an error message.
+Needs ``psycopg`` (v3).
 
 :func:`product_from_row` turns a row (from psycopg or from PostgREST's JSON) into a
 :class:`~tasks.types.Product`; the Supabase backend uses it too.
@@ -12,6 +15,7 @@ self-hosted PostgreSQL and for tests of the SQL. It is not registered with ``ope
 from __future__ import annotations
 
 import datetime as dt
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,6 +25,7 @@ from tasks.storage.base import (
     StoreError,
     check_object_key,
     check_unique_id,
+    register_store,
     upload_video,
 )
 from tasks.storage.local import LocalStore
@@ -31,6 +36,7 @@ _PRODUCT_FIELDS = (
     "claimed_by", "claimed_at", "created_at", "updated_at",
 )
 _TIMES = ("claimed_at", "created_at", "updated_at")
+ENV_DSN = "KOROKORO_PG_DSN"
 
 
 def _epoch(value: Any) -> float | None:
@@ -74,9 +80,15 @@ class PostgresQueue:
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise StoreError('the PostgreSQL queue needs psycopg: pip install "psycopg[binary]"') from exc
         self.dsn = dsn
+        self._secrets = _dsn_secrets(dsn)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(<dsn hidden>)"
+
+    def _scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
 
     def _run(self, what: str, sql: str, params: Mapping[str, Any] | tuple = ()) -> list[dict[str, Any]]:
         import psycopg
@@ -91,9 +103,12 @@ class PostgresQueue:
         except psycopg.errors.RaiseException as exc:  # P0001
             err = StoreError(exc.diag.message_primary or str(exc))
         except psycopg.Error as exc:
-            primary = getattr(exc.diag, "message_primary", None) or type(exc).__name__
-            err = StoreError(f"{what} failed: {primary} (SQLSTATE {exc.sqlstate})")
-        raise err
+            # Client-side errors (no server, a bad DSN) have no diag; their text may quote the
+            # DSN, so it goes through the scrubber.
+            primary = getattr(exc.diag, "message_primary", None) or f"{type(exc).__name__}: {str(exc).strip()}"
+            err = StoreError(f"{what} failed: {primary} (SQLSTATE {exc.sqlstate or 'none'})")
+        # Raised outside the except block: the psycopg exception (and the DSN it may hold) is not chained.
+        raise type(err)(self._scrub(str(err)))
 
     def _one(self, rows: list[dict[str, Any]], uid: str) -> Product:
         if not rows:
@@ -153,6 +168,20 @@ class PostgresQueue:
         return self._one(rows, uid)
 
 
+def _dsn_secrets(dsn: str) -> list[str]:
+    """The strings no message may show: the whole DSN and its password, longest first."""
+    secrets = [dsn] if dsn else []
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+
+        password = conninfo_to_dict(dsn).get("password")
+    except Exception:  # noqa: BLE001 - a malformed DSN is reported (scrubbed) when it is used
+        password = None
+    if password:
+        secrets.append(str(password))
+    return sorted(secrets, key=len, reverse=True)
+
+
 class PostgresStore(PostgresQueue, LocalStore):
     """PostgreSQL queue + the local backend's folder bucket under ``settings.root``."""
 
@@ -168,8 +197,25 @@ class PostgresStore(PostgresQueue, LocalStore):
         uid, key = upload_video(self, video, unique_id)
         return self.enqueue_row(uid, title, category, key)
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Pickles carry the settings only, never the DSN: the receiving process reads its own environment.
+        return (_open_postgres, (self.settings,))
+
     def mark_done(self, unique_id: str, manifest_key: str) -> Product:
         check_object_key(manifest_key)
         if not self.object_exists(manifest_key):
             raise StoreError(f"cannot mark {unique_id} DONE: manifest {manifest_key} is not in the bucket")
         return self._mark_done_row(unique_id, manifest_key)
+
+
+@register_store("postgres")
+def _open_postgres(settings: StorageSettings) -> PostgresStore:
+    """``storage=postgres``: the DSN from ``$KOROKORO_PG_DSN``, the bucket folder from conf."""
+    dsn = (os.environ.get(ENV_DSN) or "").strip()
+    if not dsn:
+        raise StoreError(
+            f"storage backend 'postgres' needs {ENV_DSN} in the environment: a libpq connection string "
+            "such as 'host=/var/run/postgresql dbname=korokoro' or 'postgresql://user@host/korokoro', "
+            "to a database holding infra/supabase/001_products_queue.sql"
+        )
+    return PostgresStore(settings, dsn)
