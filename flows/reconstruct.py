@@ -146,16 +146,31 @@ def _write_preview(glb: Path, png: Path) -> Path | None:
 
 @flow(name="reconstruct-product", log_prints=True)
 def reconstruct_product(
-    unique_id: str, overrides: Sequence[str] | None = None, config: dict[str, Any] | None = None
+    unique_id: str,
+    overrides: Sequence[str] | None = None,
+    config: dict[str, Any] | None = None,
+    claim: str | None = None,
 ) -> ProductResult:
     """Claim one product by id and run the pipeline on it; raises :class:`ProductFailed` if it fails.
 
     ``overrides`` are Hydra overrides (``["nerf.steps=2000", "mesh=full"]``); ``config`` is an
     already resolved configuration (the command line passes it) and wins over ``overrides``.
+    ``claim``: the claimant name process-queue claimed the product under for this run
+    (flows/dispatch.py); the run works under that claim, or ends Cancelled, touching nothing,
+    when the claim has gone to another run.
     """
     cfg = to_plain(config) if config is not None else compose_config(overrides or ())
     store = open_store(cfg["storage"])
-    product = store.claim(unique_id, cfg["worker"], float(cfg["queue"]["lease_s"]))
+    if claim:
+        from prefect.states import Cancelled
+
+        from flows.dispatch import take_over
+
+        product = take_over(store, unique_id, claim, float(cfg["queue"]["lease_s"]))
+        if product is None:
+            return Cancelled(message=f"{unique_id} is no longer claimed by {claim}: another run has it")
+    else:
+        product = store.claim(unique_id, cfg["worker"], float(cfg["queue"]["lease_s"]))
     result = run_stages(product, store, cfg)
     if result.status != "DONE":
         raise ProductFailed(result)  # the flow run shows Failed; the row already says why
