@@ -1,10 +1,13 @@
 """The shop-page viewer's server: the built web app plus a read-only window on the local store.
 
 Standard library only, one thread per request, bound to loopback by default. It answers GET
-(and HEAD) on three kinds of path and nothing else:
+(and HEAD) on these paths and nothing else:
 
 * ``/``, ``/index.html``, ``/product.html``, ``/style.css``, ``/assets/...``: the built viewer
   (``viewer/www``; ``npm ci && npm run build`` in ``viewer/`` makes ``assets/``);
+* ``/config.json``: always ``{"mode": "local"}``, whatever file lies in ``viewer/www``: this server
+  is the local store's (a Supabase ``config.json`` is for static hosting, and this server's
+  Content-Security-Policy would block the page from reaching Supabase anyway);
 * ``/api/products``: JSON list of the products (unique_id, title, status, error, thumbnail);
 * ``/store/models/<unique_id>/<name>``: one bucket object, only under ``models/`` and only while
   that product's status is DONE (a reader never sees a model the flow has not published).
@@ -33,6 +36,9 @@ log = logging.getLogger(__name__)
 
 WWW_DIR = Path(__file__).resolve().parents[1] / "viewer" / "www"
 BUILD_HINT = "cd viewer && npm ci && npm run build"
+
+# The viewer's config.json (viewer/src/config.js): read this server's /api and /store.
+LOCAL_CONFIG = json.dumps({"mode": "local"}).encode()
 
 # Images next to a model that the gallery and the product page use as its thumbnail/poster.
 THUMBNAIL_NAMES = ("preview.png", "preview.jpg", "thumbnail.png", "thumbnail.jpg", "poster.png", "poster.jpg")
@@ -224,7 +230,9 @@ class ViewerHandler(BaseHTTPRequestHandler):
             self._send_text(HTTPStatus.MISDIRECTED_REQUEST, "this viewer answers only on localhost / 127.0.0.1")
             return
         path = unquote(urlsplit(self.path).path)
-        if path == "/api/products":
+        if path == "/config.json":
+            self._send_bytes(HTTPStatus.OK, LOCAL_CONFIG, "application/json")
+        elif path == "/api/products":
             body = json.dumps(self.view.products()).encode()
             self._send_bytes(HTTPStatus.OK, body, "application/json")
         elif path.startswith("/store/"):

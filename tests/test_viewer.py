@@ -1,7 +1,8 @@
 """The shop-page viewer: its server (always) and its pages in headless Chromium (when present).
 
 The store here is made by hand, independent of the pipeline: a textured box exported as a GLB
-by trimesh, cut into several parts with tasks.shard and published like tasks.upload does.
+by trimesh, cut into several parts with tasks.shard and published like tasks.upload does (the
+pipeline-made model is opened by tests/test_pipeline.py; Supabase mode: test_viewer_supabase.py).
 Screenshots go to test-artifacts/viewer/ so people can look at them.
 """
 
@@ -14,6 +15,7 @@ import shutil
 import subprocess
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -73,14 +75,26 @@ def textured_box_glb(path: Path) -> Path:
     return path
 
 
-def publish(store: LocalStore, unique_id: str, glb: Path, work: Path, part_bytes: int) -> dict:
-    """Shard ``glb`` as the web asset and upload parts, then the manifest (tasks/upload.py's order)."""
+def tiny_usdz(path: Path) -> Path:
+    """A USDZ (an uncompressed zip of one USDA layer: a cube) to stand for the model's iOS version."""
+    usda = '#usda 1.0\n(\n    defaultPrim = "Box"\n    metersPerUnit = 1\n    upAxis = "Y"\n)\n\ndef Cube "Box"\n{\n    double size = 0.8\n}\n'
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as usdz:
+        usdz.writestr("box.usda", usda)
+    return path
+
+
+def publish(store: LocalStore, unique_id: str, glb: Path, work: Path, part_bytes: int, usdz: Path | None = None) -> dict:
+    """Shard ``glb`` as the web asset (and ``usdz`` for iOS), upload parts, then the manifest
+    (tasks/upload.py's order)."""
     out = work / unique_id
     out.mkdir(parents=True)
     entry = split_file(glb, out, part_bytes)
     entry["role"] = "web"
-    manifest_path = write_manifest([entry], unique_id, out / MANIFEST_NAME, {"part_bytes": part_bytes})
-    for part in entry["parts"]:
+    entries = [entry]
+    if usdz is not None:
+        entries.append({**split_file(usdz, out, max(64, usdz.stat().st_size // 2 + 1)), "role": "usdz"})
+    manifest_path = write_manifest(entries, unique_id, out / MANIFEST_NAME, {"part_bytes": part_bytes})
+    for part in (p for e in entries for p in e["parts"]):
         store.put_object(f"models/{unique_id}/{part['name']}", out / part["name"])
     store.put_object(f"models/{unique_id}/{MANIFEST_NAME}", manifest_path, "application/json")
     return json.loads(manifest_path.read_text())
@@ -94,15 +108,16 @@ def add_product(store: LocalStore, tmp: Path, unique_id: str, title: str):
 
 @pytest.fixture()
 def shop(tmp_path):
-    """A store with products in every state; ``box`` and ``holey`` are DONE with real GLBs."""
+    """A store with products in every state; ``box`` (with a USDZ) and ``holey`` are DONE with real GLBs."""
     root = tmp_path / "store"
     store = LocalStore(StorageSettings(backend="local", root=str(root), bucket=BUCKET))
     glb = textured_box_glb(tmp_path / "box.glb")
+    usdz = tiny_usdz(tmp_path / "box.usdz")
     part_bytes = max(512, glb.stat().st_size // 4 + 1)  # 4 parts
     manifests = {}
     for uid, title in [("box", "Colour box <b>&amp;</b>"), ("holey", "Box with a missing part")]:
         add_product(store, tmp_path, uid, title)
-        manifests[uid] = publish(store, uid, glb, tmp_path / "shards", part_bytes)
+        manifests[uid] = publish(store, uid, glb, tmp_path / "shards", part_bytes, usdz if uid == "box" else None)
         store.claim(uid, "test", 60)
         store.mark_done(uid, f"models/{uid}/{MANIFEST_NAME}")
     # A thumbnail for the gallery: any PNG next to the model.
@@ -211,6 +226,9 @@ def test_server_is_read_only_and_loopback_only(server, shop):
     assert store.db_path.read_bytes() == before
     status, headers, body = get(server, "/")
     assert status == 200 and b'id="products"' in body and "script-src 'self'" in headers["Content-Security-Policy"]
+    # This server is the local store's: its pages read /api and /store, whatever lies in www/.
+    status, headers, body = get(server, "/config.json")
+    assert status == 200 and json.loads(body) == {"mode": "local"}
 
 
 def test_empty_store_root_is_an_empty_gallery(tmp_path):
@@ -228,24 +246,32 @@ def test_empty_store_root_is_an_empty_gallery(tmp_path):
 
 # -- the pages, in Chromium -----------------------------------------------------------------------
 def browser_skip_reason() -> str | None:
+    """Why the browser tests cannot run here (None: they can). In CI (``CI`` set) they must run:
+    a missing piece of the setup fails the test instead of skipping it."""
+    reason = None
     if not shutil.which("node"):
-        return "node is not installed (apt-get install nodejs, node >= 20)"
-    if not Path(CHROMIUM).exists():
-        return f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)"
-    if not (VIEWER / "node_modules" / "playwright-core").is_dir():
-        return "viewer/node_modules is missing (cd viewer && npm ci)"
-    if not viewer_built():
-        return "the viewer is not built (cd viewer && npm ci && npm run build)"
-    return None
+        reason = "node is not installed (apt-get install nodejs npm; node >= 18)"
+    elif not Path(CHROMIUM).exists():
+        reason = f"Chromium is not installed at {CHROMIUM} (make system-deps, or apt-get install chromium)"
+    elif not (VIEWER / "node_modules" / "playwright-core").is_dir():
+        reason = "viewer/node_modules is missing (make setup, or cd viewer && npm ci)"
+    elif not viewer_built():
+        reason = "the viewer is not built (cd viewer && npm ci && npm run build)"
+    if reason and os.environ.get("CI"):
+        pytest.fail(f"the viewer's browser test must run in CI, but {reason}")
+    return reason
 
 
-def run_browser(server, scenarios: list[dict], tmp_path: Path, tag: str) -> dict:
+def run_browser(server, scenarios: list[dict], tmp_path: Path, tag: str, base_url: str | None = None,
+                allowed_origins: list[str] = ()) -> dict:
+    """Run ``scenarios`` in headless Chromium against ``server`` (or ``base_url``); the script's report."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     plan = {
-        "base_url": f"http://127.0.0.1:{server.server_address[1]}/",
+        "base_url": base_url or f"http://127.0.0.1:{server.server_address[1]}/",
         "out_dir": str(ARTIFACTS),
         "chromium": CHROMIUM,
         "extra_args": GL_ARGS,
+        "allowed_origins": list(allowed_origins),
         "timeout_ms": 90_000,
         "scenarios": scenarios,
     }
@@ -286,6 +312,7 @@ def test_pages_in_chromium(server, shop, tmp_path):
         [
             {"name": "gallery", "path": "/", "screenshot": "gallery.png"},
             {"name": "box", "path": "/product.html?id=box", "screenshot": "product-box.png"},
+            {"name": "box-ios", "path": "/product.html?id=box", "emulate_ios": True},
             {"name": "holey", "path": "/product.html?id=holey", "screenshot": "product-missing-part.png"},
             {"name": "queued", "path": "/product.html?id=queued", "screenshot": "product-queued.png"},
             {"name": "busy", "path": "/product.html?id=busy"},
@@ -300,22 +327,37 @@ def test_pages_in_chromium(server, shop, tmp_path):
     webgl = report.get("webgl_renderer")
 
     assert results["gallery"]["state"] == "loaded" and results["gallery"]["cards"] == 5
+    assert results["gallery"]["thumbs"] == 1  # box's preview.png; the others keep a placeholder
 
     box = results["box"]
     assert box["state"] == "loaded", f"{box['message']} (WebGL: {webgl}; console: {box['console_errors']})"
     assert box["model_visible"] is True
+    assert box["badge"] == {"text": "3D model ready", "status": "DONE"}
     assert box["title"].startswith("Colour box <b>&amp;</b>")  # the title is text, not markup
+    assert box["poster"].endswith("/store/models/box/preview.png")  # the poster while parts download
     shot = Path(box["screenshot"])
     covered = non_background_fraction(shot)
     assert covered > 0.03, f"the model covers only {covered:.1%} of {shot} (WebGL: {webgl})"
     assert has_hue(shot, 0) and has_hue(shot, 2), f"no red/blue texture colours in {shot}"
+    # AR: no Quick Look in desktop Chromium, so the USDZ is not even downloaded ...
+    usdz = manifests["box"]["assets"][1]
+    assert box["ar"] is None and not any(".usdz.part-" in r for r in box["requests"])
+    # ... but where model-viewer would offer Quick Look, the verified USDZ becomes its ios-src.
+    ios = results["box-ios"]
+    assert ios["state"] == "loaded" and ios["model_visible"] is True, ios
+    assert ios["ios"] == "ready" and ios["ar"] is True and ios["ios_src"].startswith("blob:"), ios
+    assert ios["ios_sha256"] == usdz["sha256"]
+    assert all(f"/store/models/box/{p['name']}" in ios["requests"] for p in usdz["parts"])
 
     assert results["holey"]["state"] == "error"
     assert "missing" in results["holey"]["message"]
     assert manifests["holey"]["assets"][0]["parts"][2]["name"] in results["holey"]["message"]
+    assert results["holey"]["badge"] == {"text": "3D model unavailable", "status": "UNAVAILABLE"}
     assert results["queued"]["state"] == "not-ready" and "waiting in the queue" in results["queued"]["message"]
+    assert results["queued"]["badge"]["status"] == "IDLE"
     assert results["busy"]["state"] == "not-ready" and "being turned into a 3D model" in results["busy"]["message"]
     assert results["broken"]["state"] == "error" and "COLMAP registered 3 of 120 frames" in results["broken"]["message"]
+    assert results["broken"]["badge"] == {"text": "Failed", "status": "FAILED"}
     assert results["nobody"]["state"] == "error" and "no product nobody" in results["nobody"]["message"]
     assert results["bad-id"]["state"] == "error" and "not a valid product id" in results["bad-id"]["message"]
     for r in results.values():
@@ -334,4 +376,6 @@ def test_pages_in_chromium(server, shop, tmp_path):
     corrupt = report["results"][0]
     assert corrupt["state"] == "error", corrupt
     assert "corrupt" in corrupt["message"] and part["name"] in corrupt["message"]
+    # The badge above the error never says "ready".
+    assert corrupt["badge"] == {"text": "3D model unavailable", "status": "UNAVAILABLE"}, corrupt["badge"]
     assert non_background_fraction(Path(corrupt["screenshot"])) > 0.005  # the message is on the page

@@ -1,26 +1,24 @@
-// Shared by both pages: the product list, status wording and small DOM helpers.
+// Shared by both pages: status wording and small DOM helpers.
 // Titles and errors come from sellers and logs: they only ever go through textContent.
+import { loadConfig } from "./config.js";
+import { openSource } from "./sources.js";
 
 export const UNIQUE_ID = /^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$/;
 
-export async function fetchProducts() {
-  let res;
-  try {
-    res = await fetch("/api/products", { cache: "no-store" });
-  } catch (err) {
-    throw new Error(`Could not reach the KoroKoro viewer server (${err.message}). Is \`korokoro view\` still running?`);
-  }
-  if (!res.ok) throw new Error(`The viewer server answered ${res.status} ${res.statusText} for the product list.`);
-  const body = await res.json();
-  if (!Array.isArray(body)) throw new Error("The viewer server sent a malformed product list.");
-  return body;
+/** The page's source of products and models, as config.json next to the page says. */
+export async function pageSource() {
+  return openSource(await loadConfig());
 }
 
+// A product's status in the store, and two states of the product page's model itself: the badge
+// says "ready" only once the model is on screen, and "unavailable" when its parts fail.
 const STATUS_TEXT = {
   IDLE: "Waiting in the queue",
   PROCESSING: "Being turned into 3D",
   DONE: "3D model ready",
   FAILED: "Failed",
+  LOADING: "Loading the 3D model",
+  UNAVAILABLE: "3D model unavailable",
 };
 
 export function statusText(status) {

@@ -1,10 +1,12 @@
 // The product page, product.html?id=<unique_id>: manifest → parts (parallel, sha256-checked)
-// → one GLB Blob → <model-viewer>. Every failure ends in a visible message, never a blank canvas.
+// → one GLB Blob → <model-viewer>. Every failure ends in a visible message, never a blank canvas,
+// and the status badge says "ready" only once the model is on screen.
 // document.body.dataset.state tells tests (and CSS) where the page is:
-// loading → loaded | not-ready | error.
+// loading → loaded | not-ready | error. dataset.ios: the USDZ for Quick Look (absent | ready | failed).
 import { ModelViewerElement } from "@google/model-viewer";
-import { UNIQUE_ID, fetchProducts, formatBytes, notReadyMessage, statusText } from "./common.js";
-import { ViewerError, downloadAsset, fetchManifest, webAsset } from "./shards.js";
+import { IS_AR_QUICKLOOK_CANDIDATE, IS_IOS_GSA } from "@google/model-viewer/lib/constants.js";
+import { UNIQUE_ID, formatBytes, notReadyMessage, pageSource, statusText } from "./common.js";
+import { ViewerError, downloadAsset, fetchManifest, usdzAsset, webAsset } from "./shards.js";
 
 // model-viewer would fetch the Draco and KTX2 decoders (and its Lottie loader) from Google's
 // CDN, only for models that use them. The pipeline's GLBs use none; this page fetches nothing
@@ -22,12 +24,19 @@ function setState(state) {
   document.body.dataset.state = state;
 }
 
+function setBadge(status) {
+  $("status").textContent = statusText(status);
+  $("status").dataset.status = status;
+}
+
 function showMessage(kind, text) {
   const box = $("message");
   box.className = `message ${kind}`;
   box.textContent = text;
   box.hidden = false;
   $("stage").hidden = true;
+  // A product whose model fails is not "ready", whatever its row says (a FAILED one keeps "Failed").
+  if (kind === "error" && ["DONE", "LOADING"].includes($("status").dataset.status)) setBadge("UNAVAILABLE");
   setState(kind === "error" ? "error" : "not-ready");
 }
 
@@ -74,6 +83,32 @@ function waitForModel(viewer) {
   });
 }
 
+async function showPoster(source, product) {
+  const src = await source.thumbnailUrl(product);
+  if (src && document.body.dataset.state === "loading") {
+    $("poster-image").src = src;
+    $("poster-image").hidden = false;
+  }
+}
+
+/**
+ * iOS Quick Look: only where model-viewer would offer it, fetch the manifest's USDZ (verified like
+ * the GLB) and hand it over as ios-src. Without one, model-viewer makes a USDZ from the GLB itself.
+ * Scene Viewer (Android) is not offered: it cannot read the blob: URL the verified GLB lives at.
+ */
+async function attachUsdz(source, uniqueId, manifest, viewer) {
+  const asset = usdzAsset(manifest);
+  if (!asset || !IS_AR_QUICKLOOK_CANDIDATE || IS_IOS_GSA) return;
+  try {
+    const blob = await downloadAsset(source, uniqueId, asset, { concurrency: 2 });
+    viewer.iosSrc = URL.createObjectURL(new Blob([blob], { type: "model/vnd.usdz+zip" }));
+    document.body.dataset.ios = "ready";
+  } catch (err) {
+    console.warn(`No USDZ for Quick Look: ${err.message}`);
+    document.body.dataset.ios = "failed";
+  }
+}
+
 async function main() {
   setState("loading");
   const uniqueId = new URLSearchParams(location.search).get("id") || "";
@@ -81,19 +116,20 @@ async function main() {
     showMessage("error", uniqueId ? `“${uniqueId}” is not a valid product id.` : "No product was chosen: open a product from the gallery.");
     return;
   }
-  const product = (await fetchProducts()).find((p) => p.unique_id === uniqueId);
+  const source = await pageSource();
+  const product = await source.getProduct(uniqueId);
   if (!product) {
-    showMessage("error", `There is no product ${uniqueId} in this store.`);
+    showMessage(source.mode === "supabase" ? "info" : "error", source.absentMessage(uniqueId));
     return;
   }
   document.title = `${product.title} · KoroKoro`;
   $("title").textContent = product.title;
-  $("status").textContent = statusText(product.status);
-  $("status").dataset.status = product.status;
   if (product.status !== "DONE") {
+    setBadge(product.status);
     showMessage(product.status === "FAILED" ? "error" : "info", notReadyMessage(product));
     return;
   }
+  setBadge("LOADING");
   if (!hasWebGL()) {
     showMessage("error", "This browser cannot show 3D models: WebGL is turned off or unavailable.");
     return;
@@ -101,21 +137,21 @@ async function main() {
 
   const viewer = $("viewer");
   viewer.alt = `3D model of ${product.title}`;
-  if (product.thumbnail) {
-    $("poster-image").src = product.thumbnail;
-    $("poster-image").hidden = false;
-  }
-  const manifest = await fetchManifest(uniqueId);
+  const poster = showPoster(source, product);
+  const manifest = await fetchManifest(source, uniqueId);
   const asset = webAsset(manifest);
   showProgress({ loaded: 0, total: asset.size ?? 0, verified: 0, parts: asset.parts.length });
-  const blob = await downloadAsset(uniqueId, asset, { onProgress: showProgress });
+  const blob = await downloadAsset(source, uniqueId, asset, { onProgress: showProgress });
   $("progress-text").textContent = `Verified ${formatBytes(blob.size)} in ${asset.parts.length} parts; preparing the 3D view…`;
 
   const loaded = waitForModel(viewer);
   viewer.src = URL.createObjectURL(blob);
   await loaded;
+  await poster;
   $("poster").hidden = true;
+  setBadge("DONE");
   setState("loaded");
+  await attachUsdz(source, uniqueId, manifest, viewer);
 }
 
 main().catch((err) => {

@@ -1,12 +1,15 @@
 // Download a manifest's asset: every part in parallel, each checked against the manifest's
 // size and sha256 (crypto.subtle) before the parts are joined, in manifest order, into a Blob.
 // Mirrors tasks/shard.py:reassemble: a missing or corrupt part is refused, never shown.
+// Objects come from a source (sources.js): the local store or a Supabase bucket.
+import { ViewerError } from "./errors.js";
 
+export { ViewerError };
 export const MANIFEST_VERSION = 1;
+const MANIFEST_NAME = "manifest.json";
 const PART_NAME = /^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$/;
 const SHA256 = /^[0-9a-f]{64}$/;
-
-export class ViewerError extends Error {}
+const USDZ_TYPE = "model/vnd.usdz+zip";
 
 function toHex(buffer) {
   return Array.from(new Uint8Array(buffer), (b) => b.toString(16).padStart(2, "0")).join("");
@@ -16,19 +19,14 @@ export async function sha256Hex(data) {
   return toHex(await crypto.subtle.digest("SHA-256", data));
 }
 
-export function modelPrefix(uniqueId) {
-  return `/store/models/${encodeURIComponent(uniqueId)}`;
-}
-
-export async function fetchManifest(uniqueId) {
-  const url = `${modelPrefix(uniqueId)}/manifest.json`;
+export async function fetchManifest(source, uniqueId) {
   let res;
   try {
-    res = await fetch(url, { cache: "no-cache" });
+    res = await source.fetchObject(uniqueId, MANIFEST_NAME);
   } catch (err) {
     throw new ViewerError(`Could not download the model's manifest (${err.message}).`);
   }
-  if (res.status === 404) throw new ViewerError("The model's manifest is missing from the store.");
+  if (res === null) throw new ViewerError("The model's manifest is missing from the store.");
   if (!res.ok) throw new ViewerError(`Could not download the model's manifest: the server answered ${res.status}.`);
   let manifest;
   try {
@@ -46,10 +44,7 @@ export async function fetchManifest(uniqueId) {
   return manifest;
 }
 
-/** The web GLB of a manifest (role "web"), checked for a well-formed part list. */
-export function webAsset(manifest) {
-  const asset = manifest.assets.find((a) => a && a.role === "web");
-  if (!asset) throw new ViewerError("The model's manifest has no web (GLB) asset.");
+function checkParts(asset) {
   const parts = asset.parts;
   if (!Array.isArray(parts) || parts.length === 0) throw new ViewerError(`The manifest lists no parts for ${asset.name}.`);
   for (const p of parts) {
@@ -64,16 +59,31 @@ export function webAsset(manifest) {
   return asset;
 }
 
-async function fetchPart(uniqueId, part, index, count, onBytes, signal) {
+/** The web GLB of a manifest (role "web"), checked for a well-formed part list. */
+export function webAsset(manifest) {
+  const asset = manifest.assets.find((a) => a && a.role === "web");
+  if (!asset) throw new ViewerError("The model's manifest has no web (GLB) asset.");
+  return checkParts(asset);
+}
+
+/** The USDZ for iOS Quick Look (role "usdz" or "ios", or a USDZ content type), or null if none. */
+export function usdzAsset(manifest) {
+  const asset = manifest.assets.find(
+    (a) => a && (a.role === "usdz" || a.role === "ios" || a.content_type === USDZ_TYPE || /\.usdz$/i.test(a.name || "")),
+  );
+  return asset ? checkParts(asset) : null;
+}
+
+async function fetchPart(source, uniqueId, part, index, count, onBytes, signal) {
   const label = `Part ${index + 1} of ${count} (${part.name})`;
   let res;
   try {
-    res = await fetch(`${modelPrefix(uniqueId)}/${encodeURIComponent(part.name)}`, { cache: "no-cache", signal });
+    res = await source.fetchObject(uniqueId, part.name, { signal });
   } catch (err) {
     if (signal.aborted) throw err;
     throw new ViewerError(`${label} could not be downloaded (${err.message}).`);
   }
-  if (res.status === 404) throw new ViewerError(`${label} is missing from the store; the model cannot be shown.`);
+  if (res === null) throw new ViewerError(`${label} is missing from the store; the model cannot be shown.`);
   if (!res.ok) throw new ViewerError(`${label} could not be downloaded: the server answered ${res.status}.`);
   const buf = new Uint8Array(part.size);
   let got = 0;
@@ -99,10 +109,10 @@ async function fetchPart(uniqueId, part, index, count, onBytes, signal) {
 }
 
 /**
- * Download and verify every part of ``asset``; resolve to a Blob of the whole.
+ * Download and verify every part of ``asset`` from ``source``; resolve to a Blob of the whole.
  * ``onProgress({loaded, total, verified, parts})`` is called as bytes arrive.
  */
-export async function downloadAsset(uniqueId, asset, { onProgress = () => {}, concurrency = 4 } = {}) {
+export async function downloadAsset(source, uniqueId, asset, { onProgress = () => {}, concurrency = 4 } = {}) {
   if (!globalThis.crypto?.subtle) {
     throw new ViewerError(
       "This page cannot verify the model: the browser only offers crypto.subtle on https or localhost pages. " +
@@ -118,7 +128,7 @@ export async function downloadAsset(uniqueId, asset, { onProgress = () => {}, co
   const worker = async () => {
     while (next < parts.length && !abort.signal.aborted) {
       const i = next++;
-      buffers[i] = await fetchPart(uniqueId, parts[i], i, parts.length, (n) => {
+      buffers[i] = await fetchPart(source, uniqueId, parts[i], i, parts.length, (n) => {
         state.loaded += n;
         onProgress(state);
       }, abort.signal);
