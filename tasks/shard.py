@@ -4,6 +4,10 @@ The seed split its OBJ every million lines into ``part{N}.txt`` with no manifest
 front end joined them in name order (part10 before part2). Here part names carry zero-padded
 indices, the manifest lists them in order with the sha256 of every part and of the whole,
 and reassembly refuses a missing or corrupt part.
+
+Part names also end with the first 16 hex digits of the part's sha256, so a part never changes
+under its name: re-publishing a different model writes new names beside the old ones, and the
+manifest in the store keeps pointing at a complete set until the new manifest replaces it.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import mimetypes
+import re
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,6 +24,9 @@ from tasks.types import MeshAsset, ShardSet
 
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# What a part or asset name may be: one object-key segment (no '/', no leading '.').
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CONTENT_TYPES = {
     ".glb": "model/gltf-binary",
     ".gltf": "model/gltf+json",
@@ -39,11 +47,13 @@ def content_type(path: Path) -> str:
     return _CONTENT_TYPES.get(path.suffix.lower()) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
 
 
-def part_name(file_name: str, index: int, total: int) -> str:
-    """``model.glb.part-0003-of-0012``: name order is part order for any count below 10^4."""
+def part_name(file_name: str, index: int, total: int, sha256: str | None = None) -> str:
+    """``model.glb.part-0003-of-0012.<16 hex of sha256>``: name order is part order for any count
+    below 10^4, and the name changes whenever the content does."""
     if total > 9999:
         raise ValueError(f"{file_name} would need {total} parts; raise storage.part_bytes")
-    return f"{file_name}.part-{index:04d}-of-{total:04d}"
+    name = f"{file_name}.part-{index:04d}-of-{total:04d}"
+    return f"{name}.{sha256[:16]}" if sha256 else name
 
 
 def split_file(src: Path, out_dir: Path, part_bytes: int) -> dict[str, Any]:
@@ -58,9 +68,10 @@ def split_file(src: Path, out_dir: Path, part_bytes: int) -> dict[str, Any]:
         for index in range(total):
             block = fh.read(part_bytes)
             whole.update(block)
-            name = part_name(src.name, index, total)
+            digest = hashlib.sha256(block).hexdigest()
+            name = part_name(src.name, index, total, digest)
             (out_dir / name).write_bytes(block)
-            parts.append({"name": name, "size": len(block), "sha256": hashlib.sha256(block).hexdigest()})
+            parts.append({"name": name, "size": len(block), "sha256": digest})
     return {
         "name": src.name,
         "content_type": content_type(src),
@@ -80,6 +91,41 @@ def write_manifest(assets: Sequence[dict[str, Any]], unique_id: str, path: Path,
     }
     path.write_text(json.dumps(manifest, indent=1))
     return path
+
+
+def load_manifest(text: str | bytes, source: str) -> dict[str, Any]:
+    """Parse and check a manifest (``source`` names it in errors): version, assets, and every
+    part's name, size and sha256, so a reader can trust the names as object keys."""
+    try:
+        manifest = json.loads(text)
+    except ValueError as exc:
+        raise ManifestError(f"manifest {source} is not JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+        version = manifest.get("version") if isinstance(manifest, dict) else None
+        raise ManifestError(f"manifest {source} has version {version!r}; this reader knows version {MANIFEST_VERSION}")
+    assets = manifest.get("assets")
+    if not isinstance(assets, list) or not assets:
+        raise ManifestError(f"manifest {source} lists no assets")
+    for asset in assets:
+        parts = asset.get("parts") if isinstance(asset, dict) else None
+        if not isinstance(parts, list) or not parts or not _NAME.match(str(asset.get("name", ""))):
+            raise ManifestError(f"manifest {source} has a malformed asset entry")
+        for part in parts:
+            ok = (
+                isinstance(part, dict)
+                and _NAME.match(str(part.get("name", "")))
+                and isinstance(part.get("size"), int)
+                and part["size"] >= 0
+                and _SHA256.match(str(part.get("sha256", "")))
+            )
+            if not ok:
+                raise ManifestError(f"manifest {source} has a malformed part entry in {asset['name']}")
+    return manifest
+
+
+def manifest_parts(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every part of every asset, in manifest order."""
+    return [part for asset in manifest["assets"] for part in asset["parts"]]
 
 
 def shard_assets(mesh: MeshAsset, unique_id: str, out_dir: Path, part_bytes: int, fingerprint: str) -> ShardSet:

@@ -4,10 +4,8 @@
 * ``postgres``: the SQL functions of infra/supabase/001_products_queue.sql on a throwaway
   PostgreSQL cluster (tests/pg_cluster.py) + a folder bucket.
 * ``supabase``: the real supabase-py client (SupabaseStore) talking HTTP to a small loopback
-  server (127.0.0.1 only) that stands in for PostgREST and Storage: RPC calls run the same SQL
-  functions on the throwaway cluster, objects live in memory. It is *not* Supabase: it mimics
-  only the endpoints SupabaseStore calls, as documented (PostgREST JSON errors, Storage's
-  400-with-statusCode-404 for missing objects).
+  server (tests/supabase_standin.py, 127.0.0.1 only) that stands in for PostgREST and Storage:
+  RPC calls run the same SQL functions on the throwaway cluster, objects live in memory.
 
 Plus Supabase-only tests that assert the HTTP requests supabase-py builds (httpx MockTransport)
 and that the service key never reaches an exception, a log record, a repr or a pickle.
@@ -15,21 +13,14 @@ and that the service key never reaches an exception, a log record, a repr or a p
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
-import hashlib
 import json
 import logging
 import pickle
-import re
 import threading
 import time
 import traceback
-import urllib.parse
-import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -39,255 +30,9 @@ from tasks.storage import StorageSettings, StoreError, open_store
 from tasks.storage.base import ProductNotFound
 from tasks.types import Product, ShardSet
 from tasks.upload import publish_model
-from tests.pg_cluster import new_database, pg_cluster  # noqa: F401  (fixture)
-
-FAKE_KEY = "sb_secret_FAKEkeyForTests_0123456789abcdefDONOTLEAK"
-_COLS = {
-    "id", "unique_id", "title", "category", "price", "video_link", "image_link", "status", "error", "attempts",
-    "model_manifest", "claimed_by", "claimed_at", "lease_until", "created_at", "updated_at",
-}
-_RPCS = {"claim_next_product", "claim_product", "enqueue_product", "mark_product_done", "mark_product_failed"}
-
-
-# ------------------------------------------------------------------------------------------
-# A loopback stand-in for Supabase's PostgREST + Storage endpoints
-# ------------------------------------------------------------------------------------------
-class FakeSupabase:
-    """PostgREST (``/rest/v1``) and Storage (``/storage/v1``) on 127.0.0.1 for one test."""
-
-    def __init__(self, dsn: str | None, key: str = FAKE_KEY, bucket: str = "korokoro_bucket") -> None:
-        self.dsn, self.key, self.bucket = dsn, key, bucket
-        self.objects: dict[str, dict[str, Any]] = {}
-        self.requests: list[dict[str, Any]] = []
-        self.leak_key_in_errors = False
-        self.lock = threading.Lock()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:  # keep test output quiet
-                pass
-
-            def do_GET(self) -> None:
-                fake.handle(self, "GET")
-
-            def do_POST(self) -> None:
-                fake.handle(self, "POST")
-
-            def do_PUT(self) -> None:
-                fake.handle(self, "PUT")
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    # -- plumbing -----------------------------------------------------------------------------
-    @staticmethod
-    def send(h: BaseHTTPRequestHandler, status: int, body: Any, ctype: str = "application/json",
-             headers: dict[str, str] | None = None) -> None:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        h.send_response(status)
-        h.send_header("Content-Type", ctype)
-        h.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            h.send_header(k, v)
-        h.end_headers()
-        h.wfile.write(data)
-
-    def handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
-        parts = urllib.parse.urlsplit(h.path)
-        length = int(h.headers.get("Content-Length") or 0)
-        body = h.rfile.read(length) if length else b""
-        with self.lock:
-            self.requests.append({"method": method, "path": parts.path, "query": parts.query,
-                                  "headers": {k.lower(): v for k, v in h.headers.items()}, "body": body})
-        if self.leak_key_in_errors:  # a misbehaving proxy that echoes credentials into errors
-            auth = h.headers.get("Authorization", "")
-            return self.send(h, 500, {"message": f"upstream rejected {auth} apikey={h.headers.get('apikey')}",
-                                      "code": "XX000", "statusCode": "500", "error": f"bad {auth}"})
-        if h.headers.get("apikey") != self.key or h.headers.get("Authorization") != f"Bearer {self.key}":
-            return self.send(h, 401, {"message": "Invalid API key", "code": "PGRST301", "statusCode": "401",
-                                      "error": "Unauthorized"})
-        path = urllib.parse.unquote(parts.path)
-        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-        try:
-            if path.startswith("/rest/v1/rpc/") and method == "POST":
-                return self.rpc(h, path.rsplit("/", 1)[1], json.loads(body or b"{}"))
-            if path == "/rest/v1/products" and method == "GET":
-                return self.select(h, query)
-            prefix = "/storage/v1/object/"
-            if path.startswith(prefix + "info/") and method == "GET":
-                return self.info(h, path[len(prefix + "info/"):])
-            if path.startswith(prefix + "list/") and method == "POST":
-                return self.list(h, path[len(prefix + "list/"):], json.loads(body))
-            if path.startswith(prefix) and method == "POST":
-                return self.upload(h, path[len(prefix):], body)
-            if path.startswith(prefix) and method == "GET":
-                return self.download(h, path[len(prefix):])
-        except Exception as exc:  # noqa: BLE001
-            return self.send(h, 500, {"message": f"fake server error: {exc}"})
-        return self.send(h, 404, {"message": f"no route {method} {path}"})
-
-    # -- PostgREST ------------------------------------------------------------------------------
-    def db(self):
-        import psycopg
-
-        return psycopg.connect(self.dsn, autocommit=True)
-
-    def pg_error(self, h: BaseHTTPRequestHandler, exc: Any) -> None:
-        status = 404 if exc.sqlstate == "P0002" else 400
-        self.send(h, status, {"code": exc.sqlstate, "message": exc.diag.message_primary,
-                              "details": exc.diag.message_detail, "hint": exc.diag.message_hint})
-
-    def rpc(self, h: BaseHTTPRequestHandler, fn: str, args: dict[str, Any]) -> None:
-        import psycopg
-        from psycopg import sql
-
-        assert fn in _RPCS and all(re.fullmatch(r"[a-z_]+", k) for k in args)
-        call = sql.SQL("SELECT coalesce(json_agg(t), '[]'::json) FROM public.{}({}) AS t").format(
-            sql.Identifier(fn),
-            sql.SQL(", ").join(sql.SQL("{} => {}").format(sql.Identifier(k), sql.Placeholder(k)) for k in args),
-        )
-        try:
-            with self.db() as conn:  # PostgREST runs each request in one transaction, as json
-                rows = conn.execute(call, args).fetchone()[0]
-        except psycopg.Error as exc:
-            return self.pg_error(h, exc)
-        self.send(h, 200, rows)
-
-    def select(self, h: BaseHTTPRequestHandler, query: list[tuple[str, str]]) -> None:
-        from psycopg import sql
-
-        cols, where, params, order, limit, offset = ["*"], [], [], [], None, None
-        for k, v in query:
-            if k == "select":
-                cols = v.split(",")
-                assert set(cols) <= _COLS
-            elif k == "order":
-                for item in v.split(","):
-                    col, direction = item.split(".")[:2]
-                    assert col in _COLS and direction in ("asc", "desc")
-                    order.append(sql.SQL("{} {}").format(sql.Identifier(col), sql.SQL(direction.upper())))
-            elif k == "limit":
-                limit = int(v)
-            elif k == "offset":
-                offset = int(v)
-            else:
-                assert k in _COLS and v.startswith("eq."), (k, v)
-                where.append(sql.SQL("{} = %s").format(sql.Identifier(k)))
-                params.append(v[3:])
-        q = sql.SQL("SELECT {} FROM public.products").format(
-            sql.SQL("*") if cols == ["*"] else sql.SQL(", ").join(map(sql.Identifier, cols)))
-        if where:
-            q += sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where)
-        if order:
-            q += sql.SQL(" ORDER BY ") + sql.SQL(", ").join(order)
-        if limit is not None:
-            q += sql.SQL(f" LIMIT {limit}")
-        if offset is not None:
-            q += sql.SQL(f" OFFSET {offset}")
-        with self.db() as conn:
-            rows = conn.execute(sql.SQL("SELECT coalesce(json_agg(t), '[]'::json) FROM ({}) AS t").format(q),
-                                params).fetchone()[0]
-        self.send(h, 200, rows)
-
-    # -- Storage --------------------------------------------------------------------------------
-    def split(self, rest: str) -> str:
-        bucket, _, key = rest.partition("/")
-        assert bucket == self.bucket, bucket
-        return key
-
-    def not_found(self, h: BaseHTTPRequestHandler) -> None:
-        # Supabase Storage answers a missing object with HTTP 400 and statusCode "404" in the body.
-        self.send(h, 400, {"statusCode": "404", "error": "not_found", "message": "Object not found"})
-
-    def upload(self, h: BaseHTTPRequestHandler, rest: str, body: bytes) -> None:
-        key = self.split(rest)
-        ctype = h.headers["Content-Type"]
-        msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-            f"Content-Type: {ctype}\r\n\r\n".encode() + body)
-        fields = {p.get_param("name", header="content-disposition"): p for p in msg.iter_parts()}
-        part = fields["file"]
-        data = part.get_payload(decode=True)
-        if key in self.objects and h.headers.get("x-upsert") != "true":
-            return self.send(h, 400, {"statusCode": "409", "error": "Duplicate", "message": "The resource already exists"})
-        self.objects[key] = {
-            "data": data, "etag": f'"{hashlib.md5(data).hexdigest()}"', "version": str(uuid.uuid4()),
-            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{time.time_ns() % 10**9:09d}Z",
-            "content_type": part.get_content_type(), "cache_control": fields["cacheControl"].get_payload(),
-        }
-        self.send(h, 200, {"Key": f"{self.bucket}/{key}", "Id": self.objects[key]["version"]})
-
-    def download(self, h: BaseHTTPRequestHandler, rest: str) -> None:
-        obj = self.objects.get(self.split(rest))
-        if obj is None:
-            return self.not_found(h)
-        self.send(h, 200, obj["data"], obj["content_type"], {"ETag": obj["etag"]})
-
-    def info(self, h: BaseHTTPRequestHandler, rest: str) -> None:
-        key = self.split(rest)
-        obj = self.objects.get(key)
-        if obj is None:
-            return self.not_found(h)
-        self.send(h, 200, {"id": obj["version"], "name": key, "version": obj["version"], "bucket_id": self.bucket,
-                           "size": len(obj["data"]), "content_type": obj["content_type"],
-                           "cache_control": obj["cache_control"], "etag": obj["etag"], "metadata": None,
-                           "last_modified": obj["updated_at"], "created_at": obj["updated_at"]})
-
-    def list(self, h: BaseHTTPRequestHandler, bucket: str, body: dict[str, Any]) -> None:
-        assert bucket == self.bucket
-        prefix = (body.get("prefix") or "").rstrip("/")
-        out = []
-        for key, obj in sorted(self.objects.items()):
-            folder, _, name = key.rpartition("/")
-            if folder == prefix and name.startswith(body.get("search", "")):
-                out.append({"name": name, "id": obj["version"], "updated_at": obj["updated_at"],
-                            "metadata": {"eTag": obj["etag"], "size": len(obj["data"])}})
-        self.send(h, 200, out)
-
-
-# ------------------------------------------------------------------------------------------
-# The store fixture, over every backend
-# ------------------------------------------------------------------------------------------
-@pytest.fixture(params=["local", "postgres", "supabase"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
-@pytest.fixture
-def store(backend: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    settings = StorageSettings(backend=backend, root=str(tmp_path / "store"))
-    if backend == "local":
-        yield open_store(settings)
-        return
-    cluster = request.getfixturevalue("pg_cluster")
-    dsn = new_database(cluster)
-    if backend == "postgres":
-        monkeypatch.setenv("KOROKORO_PG_DSN", dsn)  # as `storage=postgres` opens it: conf + environment
-        yield open_store(settings)
-        return
-    fake = FakeSupabase(dsn)
-    monkeypatch.setenv("SUPABASE_URL", fake.url)
-    monkeypatch.setenv("SUPABASE_SERVICE_KEY", FAKE_KEY)
-    try:
-        s = open_store({"backend": "supabase", "root": str(tmp_path / "store")})
-        s.fake = fake
-        yield s
-    finally:
-        fake.close()
-
-
-@pytest.fixture
-def video(tmp_path: Path) -> Path:
-    (p := tmp_path / "my mug (1).mp4").write_bytes(b"not really a video, the store does not care")
-    return p
+from tests.pg_cluster import pg_cluster  # noqa: F401  (fixture)
+from tests.store_fixtures import backend, store, video  # noqa: F401  (fixtures)
+from tests.supabase_standin import FAKE_KEY, FakeSupabase
 
 
 def test_enqueue_claim_done(store, video: Path, tmp_path: Path) -> None:
@@ -406,6 +151,25 @@ def test_objects_round_trip_upsert_and_version(store, tmp_path: Path) -> None:
         store.get_object("models/x1/missing.bin", tmp_path / "out" / "c")
     with pytest.raises(StoreError, match="invalid object key"):
         store.put_object("../escape", a)
+
+
+def test_list_and_delete_objects(store, tmp_path: Path) -> None:
+    (a := tmp_path / "a.bin").write_bytes(b"abc")
+    (b := tmp_path / "b.bin").write_bytes(b"")
+    for key, src in (("models/l1/x.part-0001", a), ("models/l1/x.part-0000", b), ("models/l1/sub/deep.bin", a),
+                     ("models/l10/other.bin", a)):
+        store.put_object(key, src)
+    # One folder level, by key; a sub-folder and a sibling folder sharing the prefix are not listed.
+    assert [(o.key, o.size) for o in store.list_objects("models/l1")] == [
+        ("models/l1/x.part-0000", 0), ("models/l1/x.part-0001", 3)]
+    assert store.list_objects("models/l1/") == store.list_objects("models/l1")
+    assert store.list_objects("models/none") == []
+    store.delete_object("models/l1/x.part-0001")
+    store.delete_object("models/l1/x.part-0001")  # deleting twice is fine
+    assert [o.key for o in store.list_objects("models/l1")] == ["models/l1/x.part-0000"]
+    assert not store.object_exists("models/l1/x.part-0001") and store.object_exists("models/l1/sub/deep.bin")
+    with pytest.raises(StoreError, match="invalid object key"):
+        store.delete_object("models/../videos")
 
 
 def test_fetch_video_streams_and_refuses_over_limit(store, video: Path, tmp_path: Path) -> None:
@@ -613,7 +377,8 @@ def test_the_key_never_leaks_from_failing_calls(tmp_path: Path, caplog: pytest.L
     texts: list[str] = []
     (f := tmp_path / "f.bin").write_bytes(b"x")
     try:
-        store = open_store({"backend": "supabase", "root": str(tmp_path)})
+        # Two quick attempts: the retry warnings (logged) must be scrubbed too.
+        store = open_store({"backend": "supabase", "root": str(tmp_path), "retry": {"attempts": 2, "base_delay_s": 0}})
         texts += [repr(store), str(pickle.dumps(store))]
         calls = [
             lambda: store.claim_next("w", 60, 3), lambda: store.get("a1"), lambda: store.list_products(),
@@ -648,6 +413,7 @@ def test_the_key_never_leaks_from_failing_calls(tmp_path: Path, caplog: pytest.L
             call()
         texts += _exc_texts(err.value)
     texts += [r.getMessage() for r in caplog.records] + [repr(r.args) for r in caplog.records]
+    assert any("retry 1 of 1" in r.getMessage() for r in caplog.records), "the 500s should have been retried"
     assert any("***" in t for t in texts), "the echoing server's errors should show the scrubbed key"
     _assert_no_key(texts)
 

@@ -3,6 +3,10 @@
 The seed kept its queue in a Supabase table and its models in a Supabase bucket. KoroKoro's
 embedded default is a SQLite table and a folder (``tasks.storage.local``); the Supabase backend
 implements the same methods with the same meaning, so flows never know which one they talk to.
+
+``open_store`` wraps the backend: object calls are retried on transient errors
+(``tasks.storage.retry``, settings ``storage.retry``), and with ``storage.faults`` set, faults
+are injected beneath the retries (``tasks.storage.faulty``, for tests and chaos runs).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import mimetypes
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -31,6 +35,21 @@ class StoreError(RuntimeError):
 
 class ProductNotFound(StoreError):
     pass
+
+
+class TransientStoreError(StoreError):
+    """A failure worth another try: a timeout, a dropped connection, HTTP 5xx or 429.
+
+    Backends raise it (scrubbed, like any StoreError); every other StoreError is permanent.
+    """
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One object of the bucket, as ``list_objects`` reports it (``size`` None: not reported)."""
+
+    key: str
+    size: int | None
 
 
 def check_unique_id(unique_id: str) -> str:
@@ -60,26 +79,43 @@ def safe_file_name(name: str) -> str:
 def upload_video(store: "ProductStore", video: Path, unique_id: str | None) -> tuple[str, str]:
     """Check a seller's video, pick its unique_id and put it in the bucket; ``(uid, key)``.
 
-    Every backend's ``enqueue`` starts here, so ids and video keys follow one rule.
+    Every backend's ``enqueue`` starts here, so ids and video keys follow one rule. ``store`` is
+    the bare backend (``enqueue`` runs inside it), so the upload is retried here.
     """
+    from tasks.storage.retry import retry_settings, with_retries
+
     video = Path(video)
     if not video.is_file():
         raise StoreError(f"video {video} does not exist or is not a file")
     uid = check_unique_id(unique_id or uuid.uuid4().hex[:16])
     key = f"videos/{uid}/{safe_file_name(video.name)}"
-    store.put_object(key, video, mimetypes.guess_type(video.name)[0] or "video/mp4")
+    content_type = mimetypes.guess_type(video.name)[0] or "video/mp4"
+    settings = getattr(store, "settings", None)
+    with_retries(
+        f"upload video {key}",
+        lambda: store.put_object(key, video, content_type),
+        retry_settings(settings.retry if settings is not None else {}),
+    )
     return uid, key
 
 
 @dataclass(frozen=True)
 class StorageSettings:
-    """``conf/storage/*.yaml``."""
+    """``conf/storage/*.yaml``.
+
+    ``retry``: :class:`tasks.storage.retry.RetrySettings` fields; ``faults``: None, or a list of
+    :class:`tasks.storage.faulty.FaultRule` fields (chaos runs only); ``fetch_workers``: parallel
+    part downloads of ``korokoro fetch``.
+    """
 
     backend: str
     root: str = "./korokoro-data/store"
     bucket: str = "korokoro_bucket"
     max_video_bytes: int = 2 << 30
     part_bytes: int = 45 << 20
+    retry: dict[str, Any] = field(default_factory=dict)
+    faults: list[dict[str, Any]] | None = None
+    fetch_workers: int = 4
 
 
 class ProductStore(Protocol):
@@ -112,6 +148,12 @@ class ProductStore(Protocol):
 
     def object_exists(self, key: str) -> bool: ...
 
+    def list_objects(self, prefix: str) -> list[StoredObject]:
+        """Every object directly under the folder ``prefix`` (no sub-folders), by key."""
+
+    def delete_object(self, key: str) -> None:
+        """Remove the object at ``key``; removing a missing object is not an error."""
+
     def object_version(self, key: str) -> str:
         """A token that changes whenever the object at ``key`` is replaced (etag, or size + mtime)."""
 
@@ -132,8 +174,11 @@ def register_store(name: str) -> Callable[[Callable[[StorageSettings], Any]], Ca
 
 
 def open_store(settings: StorageSettings | dict[str, Any]) -> ProductStore:
-    """The store a ``storage=`` config group describes."""
+    """The store a ``storage=`` config group describes: the backend, with faults injected when
+    ``faults`` is set, and object calls retried on transient errors."""
     import tasks.storage.local  # noqa: F401  (registers "local")
+    from tasks.storage.faulty import FaultyStore, fault_rules
+    from tasks.storage.retry import RetryingStore, retry_settings
 
     if isinstance(settings, dict):
         settings = StorageSettings(**settings)
@@ -141,4 +186,8 @@ def open_store(settings: StorageSettings | dict[str, Any]) -> ProductStore:
     if settings.backend == "postgres": import tasks.storage.postgres_queue  # noqa: E701,F401  (registers "postgres")
     if settings.backend not in _BACKENDS:
         raise StoreError(f"unknown storage backend {settings.backend!r}; choose one of: {', '.join(sorted(_BACKENDS))}")
-    return _BACKENDS[settings.backend](settings)
+    retry = retry_settings(settings.retry)  # checked before anything is opened
+    store: Any = _BACKENDS[settings.backend](settings)
+    if settings.faults:
+        store = FaultyStore(store, fault_rules(settings.faults))
+    return RetryingStore(store, retry)

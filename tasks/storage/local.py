@@ -18,6 +18,7 @@ from typing import Iterator
 from tasks.storage.base import (
     ProductNotFound,
     StorageSettings,
+    StoredObject,
     StoreError,
     check_object_key,
     check_unique_id,
@@ -225,6 +226,24 @@ class LocalStore:
 
     def object_exists(self, key: str) -> bool:
         return self._object_path(key).is_file()
+
+    def list_objects(self, prefix: str) -> list[StoredObject]:
+        folder = self._object_path(prefix.rstrip("/"))
+        if not folder.is_dir():
+            return []
+        found = []
+        for path in sorted(folder.iterdir()):
+            # Temp files of writes in progress start with '.', which no key may: they are not objects.
+            if path.name.startswith(".") or not path.is_file():
+                continue
+            try:
+                found.append(StoredObject(f"{prefix.rstrip('/')}/{path.name}", path.stat().st_size))
+            except FileNotFoundError:  # deleted by another worker meanwhile
+                pass
+        return found
+
+    def delete_object(self, key: str) -> None:
+        self._object_path(key).unlink(missing_ok=True)
 
     def object_version(self, key: str) -> str:
         """Changes whenever the object is replaced (size and modification time)."""

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import tempfile
 import urllib.parse
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
@@ -26,12 +24,15 @@ import httpx
 from tasks.storage.base import (
     ProductNotFound,
     StorageSettings,
+    StoredObject,
     StoreError,
+    TransientStoreError,
     check_object_key,
     check_unique_id,
     register_store,
     upload_video,
 )
+from tasks.storage.http_download import Scrubber, display_url, is_transient_status, mib, stream_to_file
 from tasks.storage.postgres_queue import lease_text, product_from_row
 from tasks.types import Product
 
@@ -45,39 +46,12 @@ _COLUMNS = (
     "claimed_by,claimed_at,created_at,updated_at"
 )
 _PAGE = 1000  # Supabase's default PostgREST max-rows
-# Short CDN cache: parts keep their names when a model is re-published.
+# Short CDN cache for the manifest (it is replaced on every publish); parts carry their
+# content's hash in their names (tasks/shard.py), so a part never changes under its name.
 _CACHE_CONTROL = "60"
+_PART_CACHE_CONTROL = "31536000"
 _LOOPBACK = {"localhost", "127.0.0.1", "::1"}
-# Anything that looks like a Supabase key, even one we were not given (defence in depth).
-_KEYLIKE = re.compile(r"(sb_(secret|publishable)_[A-Za-z0-9_-]{8,}|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,})")
 T = TypeVar("T")
-
-
-class _Scrubber:
-    def __init__(self, secret: str) -> None:
-        self._secret = secret
-
-    def __call__(self, text: str) -> str:
-        if self._secret:
-            text = text.replace(self._secret, "***")
-            text = text.replace(urllib.parse.quote(self._secret, safe=""), "***")
-        return _KEYLIKE.sub("***", text)
-
-    def __repr__(self) -> str:
-        return "_Scrubber(***)"
-
-
-def _display_url(url: str) -> str:
-    """A URL for messages: no query string (signed URLs carry tokens), no user info."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.0f} MiB" if n >= 10 * 2**20 else f"{n / 2**20:.1f} MiB"
 
 
 def _lenient_key(key: str) -> str:
@@ -119,12 +93,12 @@ class SupabaseStore:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme != "https" and not (parsed.scheme == "http" and parsed.hostname in _LOOPBACK):
             raise StoreError(
-                f"{ENV_URL} must be an https URL (http only for a local Supabase on localhost), got {_display_url(url)}"
+                f"{ENV_URL} must be an https URL (http only for a local Supabase on localhost), got {display_url(url)}"
             )
         self.settings = settings
         self.url = url
         self.bucket_name = settings.bucket
-        self._scrub = _Scrubber(key)
+        self._scrub = Scrubber(key)
         self._host = parsed.hostname
         # Our own client, with no default headers: supabase-py adds the key per request, and
         # foreign video URLs are fetched with it too (so they never see the key).
@@ -167,14 +141,25 @@ class SupabaseStore:
             extra = f"; hint: {exc.hint}" if exc.hint else ""
             return StoreError(self._scrub(f"{what} failed: {detail} (code {exc.code}){extra}"))
         if isinstance(exc, StorageApiError):
-            return StoreError(self._scrub(f"{what} failed: {exc.message} (storage {exc.code}, status {exc.status})"))
+            status = int(exc.status) if str(exc.status).isdigit() else 0
+            if status == 413:
+                return StoreError(self._scrub(
+                    f"{what} failed: Supabase Storage refused it as too large ({exc.message}). Standard uploads "
+                    "stop at the project's file size limit (50 MB on the Free plan) and supabase-py 2.34 has no "
+                    "resumable upload: raise the limit in the project's Storage settings, or upload a smaller "
+                    "video (see infra/supabase/README.md)"
+                ))
+            cls = TransientStoreError if is_transient_status(status) else StoreError
+            return cls(self._scrub(f"{what} failed: {exc.message} (storage {exc.code}, status {exc.status})"))
         if isinstance(exc, httpx.HTTPError):
             where = ""
             try:
-                where = f" ({exc.request.method} {_display_url(str(exc.request.url))})"
+                where = f" ({exc.request.method} {display_url(str(exc.request.url))})"
             except RuntimeError:
                 pass
-            return StoreError(self._scrub(f"{what} failed: {type(exc).__name__}: {exc}{where}"))
+            # No answer at all (timeout, refused or dropped connection): worth another try.
+            cls = TransientStoreError if isinstance(exc, httpx.TransportError) else StoreError
+            return cls(self._scrub(f"{what} failed: {type(exc).__name__}: {exc}{where}"))
         return StoreError(self._scrub(f"{what} failed: {type(exc).__name__}: {exc}"))
 
     def _guard(self, what: str, fn: Callable[[], T]) -> T:
@@ -304,7 +289,7 @@ class SupabaseStore:
             if key is None:
                 scheme = urllib.parse.urlsplit(link).scheme
                 if scheme != "https":
-                    raise StoreError(f"video link of {product.unique_id} must be https or a bucket path, got {_display_url(link)}")
+                    raise StoreError(f"video link of {product.unique_id} must be https or a bucket path, got {display_url(link)}")
                 # A foreign URL: fetched without our key, redirects followed.
                 return self._stream(link, Path(dest), max_bytes, what=f"video of {product.unique_id}", authed=False)
         else:
@@ -313,52 +298,25 @@ class SupabaseStore:
         return self._stream(self._object_url(key), Path(dest), max_bytes, what=f"video {key}", authed=True)
 
     def _stream(self, url: str, dest: Path, max_bytes: int | None, what: str, authed: bool) -> Path:
-        """GET ``url`` into ``dest`` (temp file + rename), refusing bodies over ``max_bytes``."""
-        limit_mib = _mib(max_bytes) if max_bytes is not None else ""
-
-        def run() -> Path:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            headers = self._auth_headers() if authed else {}
-            with self._http.stream("GET", url, headers=headers, follow_redirects=not authed) as resp:
-                if resp.status_code in (400, 404) and authed:
-                    body = resp.read()[:2000].decode("utf-8", "replace")
-                    if resp.status_code == 404 or "not_found" in body or "404" in body:
-                        raise StoreError(f"{what} is not in the bucket {self.bucket_name}")
-                if resp.status_code >= 400:
-                    raise StoreError(f"{what}: HTTP {resp.status_code} from {_display_url(url)}")
-                length = resp.headers.get("content-length")
-                if max_bytes is not None and length and length.isdigit() and int(length) > max_bytes:
-                    raise StoreError(
-                        f"{what} is {_mib(int(length))}, over the {limit_mib} limit "
-                        "(storage.max_video_bytes); upload a shorter or lower-resolution video"
-                    )
-                fd, tmp = tempfile.mkstemp(prefix=".part-", dir=dest.parent)
-                try:
-                    total = 0
-                    with os.fdopen(fd, "wb") as out:
-                        for chunk in resp.iter_bytes(1 << 20):
-                            total += len(chunk)
-                            if max_bytes is not None and total > max_bytes:
-                                raise StoreError(
-                                    f"{what} is over the {limit_mib} limit (storage.max_video_bytes): "
-                                    "stopped reading; upload a shorter or lower-resolution video"
-                                )
-                            out.write(chunk)
-                    os.replace(tmp, dest)
-                except BaseException:
-                    Path(tmp).unlink(missing_ok=True)
-                    raise
-            return dest
-
-        return self._guard(f"download {what}", run)
+        """GET ``url`` into ``dest``, refusing bodies over ``max_bytes``; our key only for our URLs."""
+        missing = f"{what} is not in the bucket {self.bucket_name}" if authed else None
+        return self._guard(
+            f"download {what}",
+            lambda: stream_to_file(
+                self._http, url, dest, max_bytes, what,
+                headers=self._auth_headers() if authed else {}, follow_redirects=not authed, missing=missing,
+            ),
+        )
 
     def put_object(self, key: str, src: Path, content_type: str = "application/octet-stream") -> None:
         check_object_key(key)
         src = Path(src)
         if not src.is_file():
             raise StoreError(f"cannot upload {src}: not a file")
-        options = {"upsert": "true", "content-type": content_type, "cache-control": _CACHE_CONTROL}
-        self._guard(f"upload {key}", lambda: self._bucket().upload(key, str(src), options))
+        cache = _PART_CACHE_CONTROL if ".part-" in key.rsplit("/", 1)[-1] else _CACHE_CONTROL
+        options = {"upsert": "true", "content-type": content_type, "cache-control": cache}
+        what = f"upload {key} ({mib(src.stat().st_size)})"
+        self._guard(what, lambda: self._bucket().upload(key, str(src), options))
 
     def get_object(self, key: str, dest: Path) -> Path:
         check_object_key(key)
@@ -367,6 +325,31 @@ class SupabaseStore:
     def object_exists(self, key: str) -> bool:
         check_object_key(key)
         return self._guard(f"look up {key}", lambda: self._bucket().exists(key))
+
+    def list_objects(self, prefix: str) -> list[StoredObject]:
+        """One folder of the bucket, a page of ``_PAGE`` at a time (folders themselves skipped)."""
+        folder = check_object_key(prefix.rstrip("/"))
+
+        def read() -> list[StoredObject]:
+            found: list[StoredObject] = []
+            offset = 0
+            while True:
+                page = self._bucket().list(folder, {"limit": _PAGE, "offset": offset}) or []
+                for entry in page:
+                    if entry.get("id") is None:  # a sub-folder: Storage lists it with id null
+                        continue
+                    size = (entry.get("metadata") or {}).get("size")
+                    found.append(StoredObject(f"{folder}/{entry['name']}", int(size) if size is not None else None))
+                if len(page) < _PAGE:
+                    return sorted(found, key=lambda o: o.key)
+                offset += _PAGE
+
+        return self._guard(f"list {folder}/", read)
+
+    def delete_object(self, key: str) -> None:
+        check_object_key(key)
+        # Storage answers 200 with the removed objects; a missing key is simply not among them.
+        self._guard(f"delete {key}", lambda: self._bucket().remove([key]))
 
     def object_version(self, key: str) -> str:
         """The object's etag and version/last-modified from Storage; changes on every replace."""
