@@ -9,10 +9,12 @@ DATA   ?= ./korokoro-data
 
 # Mesa's software OpenGL renders ground-truth turntables and preview images on machines
 # without a GPU. Installed with apt when we are root; otherwise we say what is missing.
-# Headless Chromium drives the viewer's browser test; a throwaway PostgreSQL tests the queue SQL.
+# Headless Chromium (driven by node + playwright-core) runs the viewer's browser tests; a
+# throwaway PostgreSQL tests the queue SQL.
 system-deps:
 	@missing=""; ldconfig -p | grep -q libOSMesa || missing="$$missing libosmesa6 libgl1"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v npm >/dev/null || missing="$$missing nodejs npm"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
