@@ -99,10 +99,11 @@ def with_retries(
                 raise StoreError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
             reason = f"{type(exc).__name__}: {exc}"
         # Out of the except block: the transient exception is not chained to what is raised.
+        said = reason if reason.startswith(what) else f"{what}: {reason}"  # backends often name it already
         if attempt >= settings.attempts:
-            raise StoreError(f"{what}: gave up after {attempt} attempts; last error: {reason}")
+            raise StoreError(f"{said} (gave up after {attempt} attempts)")
         delay = next(delays)
-        log.warning("%s: %s; retry %d of %d in %.1f s", what, reason, attempt, settings.attempts - 1, delay)
+        log.warning("%s; retry %d of %d in %.1f s", said, attempt, settings.attempts - 1, delay)
         sleep(delay)
 
 
