@@ -114,7 +114,7 @@ function supabaseSource({ url, anonKey, bucket }) {
     },
     absentMessage(uniqueId) {
       return (
-        `${uniqueId} is not in this shop yet: a product appears here once its 3D model is ready ` +
+        `“${uniqueId}” is not in this shop yet: a product appears here once its 3D model is ready ` +
         "(it may still be in the queue or being processed, or the link may be wrong)."
       );
     },
