@@ -6,6 +6,7 @@
     korokoro queue                                  # process the queue until it is empty
     korokoro list                                   # the products table
     korokoro view                                   # the shop-page viewer on http://127.0.0.1:8765
+    korokoro fetch unique_id=mug-1 out=mug/          # a DONE product's model from the store, every part verified
 """
 
 from __future__ import annotations
@@ -102,12 +103,33 @@ def cmd_view(cfg: dict[str, Any]) -> int:
     return 0
 
 
+def cmd_fetch(cfg: dict[str, Any]) -> int:
+    from tasks.fetch import fetch_model
+    from tasks.shard import ManifestError
+    from tasks.storage import StoreError, open_store
+
+    if not cfg.get("unique_id"):
+        raise UsageError("give the product: unique_id=<id> (see korokoro list), and optionally out=<dir>")
+    uid = str(cfg["unique_id"])
+    out = Path(cfg.get("out") or Path(cfg["data_dir"]) / "fetched" / uid).expanduser()
+    try:
+        got = fetch_model(open_store(cfg["storage"]), uid, out, int(cfg["storage"].get("fetch_workers", 4)))
+    except (StoreError, ManifestError) as exc:
+        print(f"korokoro fetch: {exc}", file=sys.stderr)
+        return 1
+    print(f"fetched {uid} from {got.manifest_key}, every part's sha256 verified:")
+    for path in got.files:
+        print(f"  {path} ({path.stat().st_size} bytes)")
+    return 0
+
+
 HANDLERS: dict[str, Callable[[dict[str, Any]], int]] = {
     "run": cmd_run,
     "add": cmd_add,
     "queue": cmd_queue,
     "list": cmd_list,
     "view": cmd_view,
+    "fetch": cmd_fetch,
 }
 COMMANDS = tuple(HANDLERS)
 
