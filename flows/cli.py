@@ -6,6 +6,8 @@
     korokoro queue                                  # process the queue until it is empty
     korokoro list                                   # the products table
     korokoro view                                   # the shop-page viewer on http://127.0.0.1:8765
+    korokoro deploy profile=gpu                     # the deployments on $PREFECT_API_URL's server (infra/README.md)
+    korokoro serve profile=cpu                      # or serve them here: process-queue every deploy.interval_s
     korokoro fetch unique_id=mug-1 out=mug/          # a DONE product's model from the store, every part verified
 """
 
@@ -123,12 +125,47 @@ def cmd_fetch(cfg: dict[str, Any]) -> int:
     return 0
 
 
+def _given_overrides() -> list[str]:
+    """The Hydra overrides on this command line: deployments hand them to every run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return [str(o) for o in HydraConfig.get().overrides.task]
+
+
+def _need_server(command: str) -> None:
+    # Prefect's temporary (ephemeral) server runs no scheduler: schedules would never fire.
+    if not os.environ.get("PREFECT_API_URL"):
+        raise UsageError(
+            f"{command} needs a Prefect server: run `prefect server start` and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+
+
+def cmd_deploy(cfg: dict[str, Any]) -> int:
+    from flows.deploy import deploy_to_server
+
+    _need_server("deploy")
+    for name, deployment_id in deploy_to_server(cfg, _given_overrides()).items():
+        print(f"deployed {name} ({deployment_id})")
+    return 0
+
+
+def cmd_serve(cfg: dict[str, Any]) -> int:
+    from flows.deploy import serve_here
+
+    _need_server("serve")
+    serve_here(cfg, _given_overrides())
+    return 0
+
+
 HANDLERS: dict[str, Callable[[dict[str, Any]], int]] = {
     "run": cmd_run,
     "add": cmd_add,
     "queue": cmd_queue,
     "list": cmd_list,
     "view": cmd_view,
+    "deploy": cmd_deploy,
+    "serve": cmd_serve,
     "fetch": cmd_fetch,
 }
 COMMANDS = tuple(HANDLERS)
