@@ -6,8 +6,10 @@ Kept apart from ``tasks.storage.supabase`` so that file stays about the Supabase
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import threading
 import tempfile
 import urllib.parse
 from pathlib import Path
@@ -27,6 +29,12 @@ class Scrubber:
     def __init__(self, secret: str) -> None:
         self._secret = secret
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Scrubber) and other._secret == self._secret
+
+    def __hash__(self) -> int:
+        return hash(self._secret)
+
     def __call__(self, text: str) -> str:
         if self._secret:
             text = text.replace(self._secret, "***")
@@ -35,6 +43,50 @@ class Scrubber:
 
     def __repr__(self) -> str:
         return "Scrubber(***)"
+
+
+# The HTTP stack's own loggers. At DEBUG, httpcore logs response headers as they arrive: a
+# proxy that echoes the Authorization header back would put the key in a log line.
+_HTTP_LOGGERS = (
+    "httpx", "httpcore.connection", "httpcore.http11", "httpcore.http2", "httpcore.proxy", "httpcore.socks",
+    "hpack.hpack", "hpack.table",
+)
+
+
+class _ScrubLogRecords(logging.Filter):
+    """Rewrites log records of the HTTP loggers through every registered Scrubber."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scrubbers: list[Scrubber] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.scrubbers:
+            text = record.getMessage()
+            clean = text
+            for scrub in self.scrubbers:
+                clean = scrub(clean)
+            if clean != text:
+                record.msg, record.args = clean, ()
+        return True
+
+
+_LOG_FILTER = _ScrubLogRecords()
+_LOG_LOCK = threading.Lock()
+
+
+def scrub_http_logs(scrubber: Scrubber) -> None:
+    """Make the HTTP stack's log records pass through ``scrubber`` (from now on, process-wide).
+
+    A logger's filters see only records made on that very logger, so each leaf logger gets it.
+    """
+    with _LOG_LOCK:
+        if scrubber not in _LOG_FILTER.scrubbers:
+            _LOG_FILTER.scrubbers.append(scrubber)
+        for name in _HTTP_LOGGERS:
+            logger = logging.getLogger(name)
+            if _LOG_FILTER not in logger.filters:
+                logger.addFilter(_LOG_FILTER)
 
 
 def display_url(url: str) -> str:

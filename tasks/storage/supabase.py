@@ -32,7 +32,14 @@ from tasks.storage.base import (
     register_store,
     upload_video,
 )
-from tasks.storage.http_download import Scrubber, display_url, is_transient_status, mib, stream_to_file
+from tasks.storage.http_download import (
+    Scrubber,
+    display_url,
+    is_transient_status,
+    mib,
+    scrub_http_logs,
+    stream_to_file,
+)
 from tasks.storage.postgres_queue import lease_text, product_from_row
 from tasks.types import Product
 
@@ -99,6 +106,7 @@ class SupabaseStore:
         self.url = url
         self.bucket_name = settings.bucket
         self._scrub = Scrubber(key)
+        scrub_http_logs(self._scrub)
         self._host = parsed.hostname
         # Our own client, with no default headers: supabase-py adds the key per request, and
         # foreign video URLs are fetched with it too (so they never see the key).
