@@ -97,9 +97,10 @@ async function showPoster(source, product) {
  * Scene Viewer (Android) is not offered: it cannot read the blob: URL the verified GLB lives at.
  */
 async function attachUsdz(source, uniqueId, manifest, viewer) {
-  const asset = usdzAsset(manifest);
-  if (!asset || !IS_AR_QUICKLOOK_CANDIDATE || IS_IOS_GSA) return;
+  if (!IS_AR_QUICKLOOK_CANDIDATE || IS_IOS_GSA) return;
   try {
+    const asset = usdzAsset(manifest); // a bad entry costs the USDZ only, never the shown model
+    if (!asset) return;
     const blob = await downloadAsset(source, uniqueId, asset, { concurrency: 2 });
     viewer.iosSrc = URL.createObjectURL(new Blob([blob], { type: "model/vnd.usdz+zip" }));
     document.body.dataset.ios = "ready";
