@@ -235,8 +235,10 @@ def test_postgres_errors_never_show_the_dsn_or_its_password(tmp_path, monkeypatc
 
     secret = "s3cretPassw0rdDONOTLEAK"
     monkeypatch.setenv("KOROKORO_PG_DSN", f"postgresql://korokoro:{secret}@127.0.0.1:9/nodb?connect_timeout=2")
-    store = open_store({"backend": "postgres", "root": str(tmp_path / "store")})
+    store = open_store({"backend": "postgres", "root": str(tmp_path / "store"), "retry": {"attempts": 2, "base_delay_s": 0}})
     with pytest.raises(StoreError) as info:
         store.get("p1")
     text = "".join(__import__("traceback").format_exception(info.value))
-    assert "get failed" in text and secret not in text and info.value.__cause__ is None
+    # A refused connection is transient: retried, then reported with the attempts.
+    assert "get failed" in text and "gave up after 2 attempts" in text
+    assert secret not in text and info.value.__cause__ is None and info.value.__context__ is None

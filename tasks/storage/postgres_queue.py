@@ -23,6 +23,7 @@ from tasks.storage.base import (
     ProductNotFound,
     StorageSettings,
     StoreError,
+    TransientStoreError,
     check_object_key,
     check_unique_id,
     register_store,
@@ -106,7 +107,8 @@ class PostgresQueue:
             # Client-side errors (no server, a bad DSN) have no diag; their text may quote the
             # DSN, so it goes through the scrubber.
             primary = getattr(exc.diag, "message_primary", None) or f"{type(exc).__name__}: {str(exc).strip()}"
-            err = StoreError(f"{what} failed: {primary} (SQLSTATE {exc.sqlstate or 'none'})")
+            cls = TransientStoreError if _is_transient(exc) else StoreError
+            err = cls(f"{what} failed: {primary} (SQLSTATE {exc.sqlstate or 'none'})")
         # Raised outside the except block: the psycopg exception (and the DSN it may hold) is not chained.
         raise type(err)(self._scrub(str(err)))
 
@@ -166,6 +168,21 @@ class PostgresQueue:
             "mark_failed", "SELECT * FROM public.mark_product_failed(uid => %s, reason => %s)", (uid, reason[:2000])
         )
         return self._one(rows, uid)
+
+
+# Worth another try: the connection failed (no SQLSTATE, or class 08), the server is shutting
+# down or starting (57P01-57P03), or a transaction lost a race (40001, 40P01). SQL errors and
+# the queue's own refusals (P0001, P0002, 55P03, 22023) are not.
+_TRANSIENT_SQLSTATES = {"57P01", "57P02", "57P03", "40001", "40P01"}
+
+
+def _is_transient(exc: Any) -> bool:
+    import psycopg
+
+    state = exc.sqlstate
+    if state is None:
+        return isinstance(exc, psycopg.OperationalError)
+    return state.startswith("08") or state in _TRANSIENT_SQLSTATES
 
 
 def _dsn_secrets(dsn: str) -> list[str]:

@@ -8,7 +8,8 @@ retried; every other error is permanent and raised at once. Re-running an object
 uploads are upserts and downloads go through a temp file.
 
 :class:`RetryingStore` wraps any backend (``open_store`` does it): object calls are retried,
-queue calls pass through untouched (a claim is not idempotent: it counts an attempt).
+as are the idempotent queue calls (``get``, ``list_products``, ``mark_done``, ``mark_failed``);
+claims and enqueues pass through untouched (a claim is not idempotent: it counts an attempt).
 """
 
 from __future__ import annotations
@@ -154,3 +155,16 @@ class RetryingStore:
 
     def delete_object(self, key: str) -> None:
         self._retry(f"delete {key}", lambda: self.inner.delete_object(key))
+
+    # Idempotent queue calls: setting a final status twice is the same as once.
+    def get(self, unique_id: str) -> Product:
+        return self._retry(f"read product {unique_id}", lambda: self.inner.get(unique_id))
+
+    def list_products(self, status: str | None = None) -> list[Product]:
+        return self._retry("list products", lambda: self.inner.list_products(status))
+
+    def mark_done(self, unique_id: str, manifest_key: str) -> Product:
+        return self._retry(f"mark {unique_id} DONE", lambda: self.inner.mark_done(unique_id, manifest_key))
+
+    def mark_failed(self, unique_id: str, reason: str) -> Product:
+        return self._retry(f"mark {unique_id} FAILED", lambda: self.inner.mark_failed(unique_id, reason))
