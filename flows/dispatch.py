@@ -33,7 +33,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from tasks.storage import ProductStore
 from tasks.types import Product
@@ -97,15 +97,18 @@ def check_deployment(name: str = RECONSTRUCT_DEPLOYMENT) -> None:
 
 
 def dispatch_products(
-    store: ProductStore, cfg: dict[str, Any], overrides: Sequence[str], echo=print
+    store: ProductStore,
+    cfg: dict[str, Any],
+    overrides: Sequence[str],
+    start_run: Callable[..., Any] | None = None,
+    echo: Callable[[str], None] = print,
 ) -> list[Dispatch]:
     """Claim up to the free in-flight slots and start one ``reconstruct-product`` run per product.
 
     ``overrides`` (Hydra, JSON-friendly) go to every run, which resolves conf on its own worker
-    (its ``worker`` name, its paths); the resolved ``cfg`` never travels.
+    (its ``worker`` name, its paths); the resolved ``cfg`` never travels. ``start_run`` is
+    Prefect's ``run_deployment`` unless given (tests pass a recorder).
     """
-    from prefect.deployments import run_deployment
-
     queue, deploy = cfg["queue"], cfg["deploy"]
     lease_s = float(queue["lease_s"])
     limit = int(deploy["max_in_flight"])
@@ -113,7 +116,10 @@ def dispatch_products(
     if free is not None and free <= 0:
         echo(f"{limit} products in flight (deploy.max_in_flight): nothing dispatched")
         return []
-    check_deployment()
+    if start_run is None:
+        from prefect.deployments import run_deployment as start_run
+
+        check_deployment()
     dispatched: list[Dispatch] = []
     while free is None or len(dispatched) < free:
         claim = claim_name(cfg["worker"])
@@ -122,7 +128,7 @@ def dispatch_products(
             break
         name = f"{product.unique_id}-attempt-{product.attempts}"
         # If this call fails the product stays claimed and comes back after its lease.
-        run = run_deployment(
+        run = start_run(
             RECONSTRUCT_DEPLOYMENT,
             parameters={"unique_id": product.unique_id, "overrides": list(overrides), "claim": claim},
             flow_run_name=name,
