@@ -19,7 +19,7 @@ from tasks.storage import StorageSettings, StoreError
 from tasks.storage.base import TransientStoreError
 from tasks.storage.faulty import FaultRule, FaultyStore, SimulatedCrash, fault_rules
 from tasks.storage.retry import RetrySettings, RetryingStore, backoff_delays, retry_settings, with_retries
-from tasks.types import Product, ShardSet
+from tasks.types import ShardSet
 from tasks.upload import publish_model
 from tests.pg_cluster import pg_cluster  # noqa: F401  (fixture)
 from tests.store_fixtures import QUICK_RETRY, backend, store, video  # noqa: F401  (fixtures)
