@@ -9,6 +9,7 @@
     korokoro deploy profile=gpu                     # the deployments on $PREFECT_API_URL's server (infra/README.md)
     korokoro serve profile=cpu                      # or serve them here: process-queue every deploy.interval_s
     korokoro fetch unique_id=mug-1 out=mug/          # a DONE product's model from the store, every part verified
+    korokoro weights                                # what detector=/segmenter= choices need, and what is present
 """
 
 from __future__ import annotations
@@ -158,6 +159,13 @@ def cmd_serve(cfg: dict[str, Any]) -> int:
     return 0
 
 
+def cmd_weights(cfg: dict[str, Any]) -> int:
+    from tasks.isolation_weights import weights_report
+
+    print(weights_report(cfg))
+    return 0
+
+
 HANDLERS: dict[str, Callable[[dict[str, Any]], int]] = {
     "run": cmd_run,
     "add": cmd_add,
@@ -167,6 +175,7 @@ HANDLERS: dict[str, Callable[[dict[str, Any]], int]] = {
     "deploy": cmd_deploy,
     "serve": cmd_serve,
     "fetch": cmd_fetch,
+    "weights": cmd_weights,
 }
 COMMANDS = tuple(HANDLERS)
 

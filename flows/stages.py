@@ -54,8 +54,10 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("ingest", _stage_task(ingest.fetch_video, "ingest"), ("tasks.ingest", "tasks.storage")),
         StageSpec("frames", _stage_task(frames.extract_frames, "frames"), ("tasks.frames",), ("av", "opencv-python-headless")),
         StageSpec("colmap", _stage_task(colmap.solve_cameras, "colmap"), ("tasks.colmap",), ("pycolmap",)),
-        StageSpec("detect", _stage_task(detect.detect_product, "detect"), ("tasks.detect",), ("opencv-python-headless",)),
-        StageSpec("segment", _stage_task(segment.segment_product, "segment"), ("tasks.segment",), ("opencv-python-headless",)),
+        StageSpec("detect", _stage_task(detect.detect_product, "detect"), ("tasks.detect",),
+                  ("opencv-python-headless", "torch", "ultralytics", "ultralytics-opencv-headless", "transformers")),
+        StageSpec("segment", _stage_task(segment.segment_product, "segment"), ("tasks.segment",),
+                  ("opencv-python-headless", "torch", "segment-anything")),
         StageSpec("train", _stage_task(train.train_field, "train"), ("tasks.train", "tasks.nerf"), ("torch",)),
         StageSpec(
             "mesh",

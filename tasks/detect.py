@@ -3,12 +3,16 @@
 Backends are registered by name (``detector=<name>`` in Hydra picks one). ``cv2`` is the
 weight-free geometric detector: it finds the product in the sparse SfM points near the point the
 cameras look at (the normalised world's origin), drops the floor, keeps the densely linked cluster
-there, and projects that 3D box into every frame. Model-based backends (YOLO, OWL-ViT on a subset
-of frames) plug into the same registry and fill the same ``boxes.json``.
+there, and projects that 3D box into every frame. ``auto`` / ``yolo`` / ``owlvit`` (the seed's
+cascade: YOLOv8, then OWL-ViT, then ``cv2``; models on a subset of frames, boxes carried to the
+rest through the cameras) live in ``tasks.detect_cascade`` and fill the same ``boxes.json``.
 
 ``boxes.json``::
 
-    {"detector": str, "aabb": [[x0,y0,z0],[x1,y1,z1]] | null,   # product box, normalised world
+    {"detector": str,                     # the backend that made the boxes (cv2, yolo, owlvit)
+     "requested": str,                    # the detector= choice (auto falls back)
+     "attempts": [{"detector": str, "outcome": str, ...}],   # model backends tried (auto / yolo / owlvit)
+     "aabb": [[x0,y0,z0],[x1,y1,z1]] | null,   # product box, normalised world
      "floor_z": float | null,
      "frames": [{"file_path": str, "box": [x0,y0,x1,y1] | null, "score": float, "source": str,
                  "seeds_fg": [[u,v],...], "seeds_bg": [[u,v],...]}]}
@@ -121,17 +125,19 @@ def detect_product(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     boxes = out_dir / "boxes.json"
+    used = str(result.extra.get("used", settings.name))
     payload = {
-        "detector": settings.name,
+        "detector": used,
+        "requested": settings.name,
         "query": query,
         "aabb": None if result.aabb is None else np.asarray(result.aabb).tolist(),
         "floor_z": result.floor_z,
-        **result.extra,
+        **{k: v for k, v in result.extra.items() if k != "used"},
         "frames": [asdict(f) for f in result.frames],
     }
     boxes.write_text(json.dumps(payload))
     found = sum(f.box is not None for f in result.frames)
-    return Detections(dir=out_dir, boxes=boxes, detector=settings.name, found=found, total=len(result.frames),
+    return Detections(dir=out_dir, boxes=boxes, detector=used, found=found, total=len(result.frames),
                       fingerprint=fingerprint)
 
 
@@ -281,3 +287,7 @@ def detect_geometric(rig: CameraRig, views: Views, settings: DetectorSettings, q
     base_z = float(np.percentile(cluster[:, 2], settings.extent_percentile))
     extra = {"product_points": int(len(cluster)), "base_z": base_z}
     return DetectionResult(frames=frames, aabb=aabb, floor_z=floor_z, extra=extra)
+
+
+# The model backends register themselves (imported last: they build on the names above).
+from tasks import detect_cascade  # noqa: E402,F401

@@ -77,6 +77,14 @@ def load_views(transforms: Path) -> Views:
     )
 
 
+def read_image(path: Path) -> np.ndarray:
+    """A frame as ``(H, W, 3)`` uint8 BGR; a clear error when it is missing or unreadable."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise FileNotFoundError(f"frame {path} is missing or not an image: rerun the frames stage")
+    return image
+
+
 def project(views: Views, index: int, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Project world ``points (M, 3)`` into view ``index`` → ``uv (M, 2)`` pixels, ``depth (M,)``.
 

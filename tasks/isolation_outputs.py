@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,8 +61,12 @@ def contact_sheet(images: list[np.ndarray], masks: list[np.ndarray], status: lis
     return sheet
 
 
-def write_outputs(out_dir: Path, views: geo.Views, images: list[np.ndarray], result: "Reconciled", settings: Any) -> dict[str, Path]:
-    """Write every segment output into ``out_dir``; returns the MaskSet paths (transforms, hull, ...)."""
+def write_outputs(out_dir: Path, views: geo.Views, images: list[np.ndarray], result: "Reconciled", settings: Any,
+                  first_sources: list[str] | None = None) -> dict[str, Path]:
+    """Write every segment output into ``out_dir``; returns the MaskSet paths (transforms, hull, ...).
+
+    ``first_sources``: per frame, what made its first-pass mask (``grabcut``, ``sam``, ...).
+    """
     out_dir = Path(out_dir)
     (out_dir / "masks").mkdir(parents=True, exist_ok=True)
     (out_dir / "rgba").mkdir(parents=True, exist_ok=True)
@@ -96,6 +101,7 @@ def write_outputs(out_dir: Path, views: geo.Views, images: list[np.ndarray], res
             "mask_path": frame["mask_path"],
             "area_fraction": round(area, 6),
             "centroid_px": [None if np.isnan(c) else round(float(c), 2) for c in centroid],
+            "first_pass": None if first_sources is None else first_sources[i],
             "first_pass_rejected": result.first_flags[i] or None,
             "status": result.status[i],
             "iou_with_hull": round(result.hull_iou[i], 4),
@@ -123,6 +129,7 @@ def write_outputs(out_dir: Path, views: geo.Views, images: list[np.ndarray], res
     stats_path.write_text(json.dumps({
         "frames": per_frame,
         "status_counts": counts,
+        "first_pass_counts": dict(sorted(Counter(f.split(" ")[0] for f in first_sources or []).items())),
         "first_pass_rejected": sum(bool(f) for f in result.first_flags),
         "median_iou_with_hull": float(np.median(result.hull_iou)),
     }, indent=1))

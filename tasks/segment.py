@@ -2,8 +2,10 @@
 
 Pipeline (``segment_product``):
 
-1. first pass, per frame, by the backend named ``settings.name`` (``cv2`` = GrabCut started from
-   the detector's box and seed points);
+1. first pass by the backend named ``settings.name``: ``cv2`` = GrabCut started from the
+   detector's box and seed points; ``sam`` = Segment Anything prompted with the box and a few seed
+   points, batched (``tasks.segment_sam``; a frame SAM is unsure of gets GrabCut's mask);
+   ``auto`` = ``sam`` when its checkpoint is in the weights folder, else ``cv2``;
 2. consistency (``reconcile_masks``): masks whose area or centroid jump against their neighbours
    are rejected; a voxel visual hull is carved from the accepted masks by voting (a voxel
    survives when at most ``hull_max_miss_fraction`` of the views miss it, so one bad mask cannot
@@ -15,9 +17,10 @@ Pipeline (``segment_product``):
 4. outputs (``tasks.isolation_outputs``): masks, rgba, transforms.json with mask_path, hull.json +
    hull.npy, contact_sheet.jpg, stats.json.
 
-The GrabCut helpers live in ``tasks.segment_grabcut``. Per-frame work (reading, both GrabCut
-passes, silhouettes, PNGs) and the carving (by chunks of voxels) run on ``settings.workers``
-threads; the results do not depend on the thread count.
+The GrabCut helpers live in ``tasks.segment_grabcut``, the per-frame checks in
+``tasks.segment_checks``. Per-frame work (reading, both GrabCut passes, silhouettes, PNGs) and the
+carving (by chunks of voxels) run on ``settings.workers`` threads; the results do not depend on
+the thread count.
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
-import cv2
 import numpy as np
 from scipy import ndimage
 
 from tasks import isolation_geometry as geo
+from tasks.isolation_geometry import read_image
 from tasks.isolation_outputs import write_outputs
-from tasks.segment_grabcut import _box, _disc_kernel, grabcut_first_pass, hull_trimap, run_grabcut
+from tasks.segment_checks import first_pass_outliers, hull_disagreement, missing_blobs
+from tasks.segment_grabcut import grabcut_first_pass, hull_trimap, run_grabcut
 from tasks.types import CameraRig, Detections, MaskSet
 
 
@@ -85,14 +89,22 @@ class SegmenterSettings:
     sheet_tint: float = 0.35  # opacity of the mask tint on the thumbnails
 
 
-class Segmenter(Protocol):
-    """A first-pass backend: one frame + its detection entry → ``(H, W)`` bool mask.
+@dataclass(frozen=True)
+class FirstPass:
+    """A first-pass backend's output: per-frame ``(H, W)`` bool ``masks`` and what made each (``sources``)."""
 
-    It is called from ``settings.workers`` threads at once (give a backend that is not thread-safe
-    a settings type whose ``workers`` is 1).
+    masks: list[np.ndarray]
+    sources: list[str]
+
+
+class Segmenter(Protocol):
+    """A first-pass backend: all frames ``(H, W, 3)`` BGR + their boxes.json entries → :class:`FirstPass`.
+
+    It gets every frame at once so that a model can batch them; per-frame work may use
+    ``settings.workers`` threads.
     """
 
-    def __call__(self, image: np.ndarray, detection: Mapping[str, Any], settings: Any) -> np.ndarray: ...
+    def __call__(self, images: list[np.ndarray], detections: list[Mapping[str, Any]], settings: Any) -> FirstPass: ...
 
 
 _REGISTRY: dict[str, tuple[type, Segmenter]] = {}
@@ -123,7 +135,12 @@ def segmenter_settings(cfg: Mapping[str, Any]) -> Any:
 
 # --------------------------------------------------------------------------- GrabCut (tasks.segment_grabcut)
 
-register_segmenter("cv2", SegmenterSettings)(grabcut_first_pass)
+@register_segmenter("cv2", SegmenterSettings)
+def grabcut_frames(images: list[np.ndarray], detections: list[Mapping[str, Any]], settings: Any) -> FirstPass:
+    """The weight-free first pass: GrabCut from each frame's box and seeds, on ``settings.workers`` threads."""
+    masks = geo.thread_map(lambda image, det: grabcut_first_pass(image, det, settings), images, detections,
+                           workers=settings.workers)
+    return FirstPass(masks, ["grabcut"] * len(masks))
 
 
 # --------------------------------------------------------------------------- consistency
@@ -146,55 +163,6 @@ class Reconciled:
     grid_aabb: np.ndarray
     voxel: float
     hull_aabb: np.ndarray
-
-
-def seed_coverage(mask: np.ndarray, detection: Mapping[str, Any]) -> float | None:
-    """Fraction of the detection's fg seeds (projected product points) inside ``mask``; None without seeds."""
-    seeds = np.asarray(detection.get("seeds_fg") or [], dtype=np.float64).reshape(-1, 2)
-    if len(seeds) == 0:
-        return None
-    h, w = mask.shape
-    col = np.clip(np.floor(seeds[:, 0]).astype(np.intp), 0, w - 1)
-    row = np.clip(np.floor(seeds[:, 1]).astype(np.intp), 0, h - 1)
-    return float(mask[row, col].mean())
-
-
-def first_pass_outliers(
-    masks: list[np.ndarray], detections: list[Mapping[str, Any]], order: np.ndarray, settings: SegmenterSettings
-) -> list[str]:
-    """Per frame "" or why its first-pass mask is not trusted.
-
-    A mask must cover its own fg seeds (the product's 3D points project inside the true
-    silhouette whatever the view) and must not jump in area or centroid against its
-    ``neighbour_window`` neighbours along ``order`` ``(N,)`` (frame indices in capture order).
-    The area test is loose: a thin product seen edge-on legitimately halves its area in a few degrees.
-    """
-    stats = geo.thread_map(geo.area_and_centroid, masks, workers=settings.workers)
-    area = np.array([s[0] for s in stats])
-    centroid = np.array([s[1] for s in stats])
-    n_px = np.array([m.size for m in masks], dtype=np.float64)
-    flags = [""] * len(masks)
-    for pos, i in enumerate(order):
-        if area[i] < settings.min_area_fraction:
-            flags[i] = "empty"
-            continue
-        coverage = seed_coverage(masks[i], detections[i])
-        if coverage is not None and coverage < settings.min_seed_coverage:
-            flags[i] = f"covers {coverage:.0%} of its seed points"
-            continue
-        lo, hi = max(0, pos - settings.neighbour_window), min(len(order), pos + settings.neighbour_window + 1)
-        nb = np.array([j for j in order[lo:hi] if j != i and area[j] >= settings.min_area_fraction], dtype=np.intp)
-        if len(nb) == 0:
-            continue
-        med_area = float(np.median(area[nb]))
-        ratio = area[i] / med_area
-        if ratio > settings.max_area_ratio or ratio < 1.0 / settings.max_area_ratio:
-            flags[i] = f"area x{ratio:.2f} vs neighbours"
-            continue
-        jump = float(np.linalg.norm(centroid[i] - np.median(centroid[nb], axis=0)))
-        if jump > settings.max_centroid_jump * np.sqrt(med_area * n_px[i]):
-            flags[i] = f"centroid moved {jump:.1f} px"
-    return flags
 
 
 def carve_hull(views: geo.Views, masks: list[np.ndarray], use: np.ndarray, search_aabb: np.ndarray,
@@ -273,43 +241,6 @@ def hull_silhouettes(views: geo.Views, hull: Hull, workers: int = 1) -> tuple[li
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def coverage(mask: np.ndarray, reference: np.ndarray) -> float:
-    """Fraction of ``reference`` pixels inside ``mask`` (1.0 for an empty reference)."""
-    total = np.count_nonzero(reference)
-    return 1.0 if total == 0 else float(np.count_nonzero(mask & reference) / total)
-
-
-def missing_blobs(mask: np.ndarray, consensus: np.ndarray, settings: SegmenterSettings) -> np.ndarray:
-    """``(H, W)`` bool: solid parts of the others' consensus that ``mask`` lacks (holes, cut-off parts).
-
-    Thin slivers along the outline are dropped by an opening: where view i sees a thin product
-    edge-on, the other views cannot bound it as tightly, and that is no fault of mask i.
-    """
-    lacking = consensus & ~mask
-    out = np.zeros(mask.shape, dtype=bool)
-    found = _box(lacking)
-    if found is None:
-        return out
-    # The opening only needs the lacking pixels' box plus the disc (outside it everything stays 0).
-    h, w = mask.shape
-    r = settings.hole_min_radius_px + 1
-    y0, y1, x0, x1 = max(found[0] - r, 0), min(found[1] + r, h), max(found[2] - r, 0), min(found[3] + r, w)
-    crop = lacking[y0:y1, x0:x1].astype(np.uint8)
-    out[y0:y1, x0:x1] = cv2.morphologyEx(crop, cv2.MORPH_OPEN, _disc_kernel(settings.hole_min_radius_px)) > 0
-    return out
-
-
-def hull_disagreement(mask: np.ndarray, loose: np.ndarray, consensus: np.ndarray, settings: SegmenterSettings) -> str:
-    """"" or why ``mask`` disagrees with the hull: leaks out of the voted hull, or misses the consensus."""
-    leak = 1.0 - coverage(loose, mask)
-    if leak > settings.max_leak_fraction:
-        return f"{leak:.0%} outside the hull"
-    missing = np.count_nonzero(missing_blobs(mask, consensus, settings)) / max(np.count_nonzero(consensus), 1)
-    if missing > settings.max_missing_fraction:
-        return f"misses {missing:.0%} of the other views' consensus"
-    return ""
-
-
 def reconcile_masks(
     views: geo.Views,
     images: list[np.ndarray],
@@ -369,14 +300,6 @@ def reconcile_masks(
 # --------------------------------------------------------------------------- the stage
 
 
-def read_image(path: Path) -> np.ndarray:
-    """A frame as ``(H, W, 3)`` uint8 BGR; a clear error when it is missing or unreadable."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise FileNotFoundError(f"frame {path} is missing or not an image: rerun the frames stage")
-    return image
-
-
 def segment_product(
     rig: CameraRig, detections: Detections, out_dir: Path, settings: Any, fingerprint: str
 ) -> MaskSet:
@@ -396,8 +319,8 @@ def segment_product(
     for path, image, (w, h) in zip(views.images, images, views.sizes):
         if image.shape[:2] != (h, w):
             raise ValueError(f"{path} is {image.shape[1]}x{image.shape[0]} but transforms.json says {w}x{h}")
-    first = geo.thread_map(lambda image, p: backend(image, by_path[p], settings), images, views.file_paths,
-                           workers=workers)
+    detections_of = [by_path[p] for p in views.file_paths]
+    first = backend(images, detections_of, settings)
     if boxes.get("aabb") is not None:
         aabb = np.asarray(boxes["aabb"], dtype=np.float64)
         pad = settings.hull_margin * (aabb[1] - aabb[0])
@@ -409,8 +332,11 @@ def segment_product(
         # An orbit from above never sees under the product; without a floor plane, its lowest
         # observed surface point is the best bound for the base.
         floor_z = boxes.get("base_z")
-    detections_of = [by_path[p] for p in views.file_paths]
-    result = reconcile_masks(views, images, first, detections_of, search, floor_z, settings)
+    result = reconcile_masks(views, images, first.masks, detections_of, search, floor_z, settings)
     out_dir = Path(out_dir)
-    paths = write_outputs(out_dir, views, images, result, settings)
+    paths = write_outputs(out_dir, views, images, result, settings, first.sources)
     return MaskSet(dir=out_dir, fingerprint=fingerprint, **paths)
+
+
+# The SAM and auto backends register themselves (imported last: they build on the names above).
+from tasks import segment_sam  # noqa: E402,F401
