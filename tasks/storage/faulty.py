@@ -10,7 +10,8 @@ and a flaky Storage server make them fail, raising what a backend raises (a scru
     korokoro run video=mug.mp4 'storage.faults=[{kind: timeout, first: 2}]'
 
 Kind ``crash`` raises :class:`SimulatedCrash` (a BaseException: nothing retries or reports it),
-standing in for a worker that dies at that call; in-process tests only.
+standing in for a worker that dies at that call; in-process tests only. Calls a backend makes
+on itself (``enqueue``'s video upload, ``mark_done``'s manifest check) bypass the wrapper.
 """
 
 from __future__ import annotations

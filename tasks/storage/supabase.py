@@ -320,7 +320,7 @@ class SupabaseStore:
         check_object_key(key)
         src = Path(src)
         if not src.is_file():
-            raise StoreError(f"cannot upload {src}: not a file")
+            raise StoreError(f"cannot upload {key}: {src} is not a file")
         cache = _PART_CACHE_CONTROL if ".part-" in key.rsplit("/", 1)[-1] else _CACHE_CONTROL
         options = {"upsert": "true", "content-type": content_type, "cache-control": cache}
         what = f"upload {key} ({mib(src.stat().st_size)})"
