@@ -77,7 +77,7 @@ def cmd_add(cfg: dict[str, Any]) -> int:
 
 
 def cmd_queue(cfg: dict[str, Any]) -> int:
-    from flows.queue import process_queue
+    from flows.process_queue import process_queue
 
     results = process_queue(config=cfg)
     done = sum(r.status == "DONE" for r in results)

@@ -43,7 +43,7 @@ def deployment_specs(cfg: dict[str, Any], overrides: Sequence[str] = ()) -> list
     return [
         DeploymentSpec(
             name="process-queue",
-            entrypoint="flows/queue.py:process_queue",
+            entrypoint="flows/process_queue.py:process_queue",
             work_pool=str(deploy["dispatch_pool"]),
             description="Claim queued products and start one reconstruct-product run per product.",
             parameters={"overrides": overrides, "dispatch": True},

@@ -16,7 +16,7 @@ import trimesh
 pytest.importorskip("pyrender", reason="the turntable renderer needs pyrender-maintained (pip install 'korokoro[render]')")
 
 from flows.config import compose_config
-from flows.queue import process_queue
+from flows.process_queue import process_queue
 from flows.reconstruct import reconstruct_product
 from tasks.storage import open_store
 from tests import bad_inputs

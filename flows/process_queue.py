@@ -7,6 +7,10 @@ Two ways to run it:
 - ``dispatch=True`` (the ``process-queue`` deployment, on an interval schedule): claim up to
   ``deploy.max_in_flight`` products and start one ``reconstruct-product`` run per product on the
   GPU pool; ``flows/dispatch.py`` explains how the claim is handed over exactly once.
+
+Not named ``queue.py``: Prefect puts ``flows/`` on ``sys.path`` when it loads a flow from its
+file, and a ``flows/queue.py`` then shadows the standard library's ``queue`` in every child
+process a stage starts (they died on ``import queue``).
 """
 
 from __future__ import annotations
