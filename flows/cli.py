@@ -6,9 +6,9 @@
     korokoro queue                                  # process the queue until it is empty
     korokoro list                                   # the products table
     korokoro view                                   # the shop-page viewer on http://127.0.0.1:8765
+    korokoro fetch unique_id=mug-1 out=mug/          # a DONE product's model from the store, every part verified
     korokoro deploy profile=gpu                     # the deployments on $PREFECT_API_URL's server (infra/README.md)
     korokoro serve profile=cpu                      # or serve them here: process-queue every deploy.interval_s
-    korokoro fetch unique_id=mug-1 out=mug/          # a DONE product's model from the store, every part verified
     korokoro weights                                # what detector=/segmenter= choices need, and what is present
 """
 
@@ -55,11 +55,13 @@ def _enqueue(cfg: dict[str, Any]):
     return product
 
 
-def cmd_run(cfg: dict[str, Any]) -> int:
+def cmd_run(cfg: dict[str, Any], on_result: Callable[[Any], None] | None = None) -> int:
     from flows.reconstruct import reconstruct_and_report
 
     product = _enqueue(cfg)
     result = reconstruct_and_report(product.unique_id, config=cfg)
+    if on_result is not None:
+        on_result(result)  # a multirun job: its row of the sweep's comparison table
     print()
     print(f"product {result.unique_id}: {result.status}" + (f" — {result.error}" if result.error else ""))
     if result.status == "DONE":
@@ -106,23 +108,10 @@ def cmd_view(cfg: dict[str, Any]) -> int:
     return 0
 
 
-def cmd_fetch(cfg: dict[str, Any]) -> int:
-    from tasks.fetch import fetch_model
-    from tasks.shard import ManifestError
-    from tasks.storage import StoreError, open_store
+def cmd_weights(cfg: dict[str, Any]) -> int:
+    from tasks.isolation_weights import weights_report
 
-    if not cfg.get("unique_id"):
-        raise UsageError("give the product: unique_id=<id> (see korokoro list), and optionally out=<dir>")
-    uid = str(cfg["unique_id"])
-    out = Path(cfg.get("out") or Path(cfg["data_dir"]) / "fetched" / uid).expanduser()
-    try:
-        got = fetch_model(open_store(cfg["storage"]), uid, out, int(cfg["storage"].get("fetch_workers", 4)))
-    except (StoreError, ManifestError) as exc:
-        print(f"korokoro fetch: {exc}", file=sys.stderr)
-        return 1
-    print(f"fetched {uid} from {got.manifest_key}, every part's sha256 verified:")
-    for path in got.files:
-        print(f"  {path} ({path.stat().st_size} bytes)")
+    print(weights_report(cfg))
     return 0
 
 
@@ -159,10 +148,23 @@ def cmd_serve(cfg: dict[str, Any]) -> int:
     return 0
 
 
-def cmd_weights(cfg: dict[str, Any]) -> int:
-    from tasks.isolation_weights import weights_report
+def cmd_fetch(cfg: dict[str, Any]) -> int:
+    from tasks.fetch import fetch_model
+    from tasks.shard import ManifestError
+    from tasks.storage import StoreError, open_store
 
-    print(weights_report(cfg))
+    if not cfg.get("unique_id"):
+        raise UsageError("give the product: unique_id=<id> (see korokoro list), and optionally out=<dir>")
+    uid = str(cfg["unique_id"])
+    out = Path(cfg.get("out") or Path(cfg["data_dir"]) / "fetched" / uid).expanduser()
+    try:
+        got = fetch_model(open_store(cfg["storage"]), uid, out, int(cfg["storage"].get("fetch_workers", 4)))
+    except (StoreError, ManifestError) as exc:
+        print(f"korokoro fetch: {exc}", file=sys.stderr)
+        return 1
+    print(f"fetched {uid} from {got.manifest_key}, every part's sha256 verified:")
+    for path in got.files:
+        print(f"  {path} ({path.stat().st_size} bytes)")
     return 0
 
 
@@ -172,9 +174,9 @@ HANDLERS: dict[str, Callable[[dict[str, Any]], int]] = {
     "queue": cmd_queue,
     "list": cmd_list,
     "view": cmd_view,
+    "fetch": cmd_fetch,
     "deploy": cmd_deploy,
     "serve": cmd_serve,
-    "fetch": cmd_fetch,
     "weights": cmd_weights,
 }
 COMMANDS = tuple(HANDLERS)
@@ -189,19 +191,32 @@ def main(argv: list[str] | None = None) -> None:
     args.remove(command)
 
     import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import DictConfig
 
     from flows.config import to_plain
+    from flows.multirun import SweepTable
 
     codes: list[int] = []
+    sweep: dict[str, Any] = {"table": SweepTable(), "dir": None}
 
     def job(cfg: DictConfig) -> None:
         plain = to_plain(cfg)
         _prepare_prefect(plain)
-        codes.append(HANDLERS[command](plain))
+        hydra_cfg = HydraConfig.get()
+        if command == "run" and hydra_cfg.mode == RunMode.MULTIRUN:
+            sweep["dir"] = hydra_cfg.sweep.dir
+            number, overrides = int(hydra_cfg.job.num), list(hydra_cfg.overrides.task)
+            codes.append(cmd_run(plain, on_result=lambda r: sweep["table"].add(number, overrides, r)))
+        else:
+            codes.append(HANDLERS[command](plain))
 
     sys.argv = [sys.argv[0], *args]
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(job)()
+    if sweep["table"].rows:
+        markdown, table_csv = sweep["table"].write(Path(sweep["dir"]))
+        print(f"\ncomparison of {len(sweep['table'].rows)} jobs: {markdown} (and {table_csv.name})")
     sys.exit(max(codes, default=0))
 
 

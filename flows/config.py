@@ -34,3 +34,19 @@ def to_plain(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
         storage["root"] = str(Path(storage["root"]).expanduser().resolve())
     plain["storage"] = storage
     return plain
+
+
+def result_storage(cfg: dict[str, Any]) -> str | Path:
+    """Where Prefect persists every stage's result record (``orchestration`` settings).
+
+    ``results_block`` (a storage block slug, e.g. ``s3-bucket/korokoro-results``) wins; else
+    ``results_dir`` (a folder, e.g. on a shared mount); else ``<data_dir>/prefect/results``.
+    A record is small and points at the stage's folder under ``data_dir/work``: a second
+    machine reuses it only when it sees that folder too (``data_dir`` on the same shared path).
+    """
+    orchestration = cfg.get("orchestration") or {}
+    block = orchestration.get("results_block")
+    if block:
+        return str(block)  # Prefect loads the block by its slug when the task runs
+    folder = orchestration.get("results_dir") or Path(cfg["data_dir"]) / "prefect" / "results"
+    return Path(folder).expanduser().resolve()  # Prefect makes it a LocalFileSystem

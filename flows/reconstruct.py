@@ -1,15 +1,25 @@
-"""``reconstruct-product``: the nine stages for one product, from its video to a published model."""
+"""``reconstruct-product``: the nine stages for one product, from its video to a published model.
+
+A product ends DONE or FAILED with its reason. ``run_stages`` marks a stage's failure (and
+any error between stages) itself; the flow's on_failure / on_crashed / on_cancellation hook
+covers what escapes it (a crash before the stages, a flow timeout, a cancellation, a killed
+run) and marks the row FAILED with the stage that was running. Rerunning the flow (the UI's
+retry of the same run, or a new run of the same unique_id) claims the product again, reuses
+every finished stage from the result storage and resumes at the one that failed.
+"""
 
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from prefect import flow
 
-from flows.config import compose_config, to_plain
+from flows.artifacts import TrainingProgress, publish_run_artifacts
+from flows.config import compose_config, result_storage, to_plain
 from flows.report import write_report
 from flows.stages import StageFailed, StageRunner
 from tasks import colmap, detect, frames, mesh, segment
@@ -43,13 +53,20 @@ class ProductResult:
     shards_dir: str | None = None
 
 
-def _training_progress(echo: Callable[[str], None]) -> Callable[[int, int, dict[str, float]], None]:
-    """A tqdm bar on the terminal while the NeRF trains."""
+# unique_id → the runner of a run in this process that has not marked its product yet; the
+# flow's failure hook reads which stage was running when something escaped run_stages.
+_UNMARKED: dict[str, StageRunner] = {}
+
+
+def _training_progress(unique_id: str, cfg: dict[str, Any]) -> Callable[[int, int, dict[str, float]], None]:
+    """A tqdm bar on the terminal and a progress artifact in the Prefect UI while the NeRF trains."""
     from tqdm import tqdm
 
     bar: dict[str, Any] = {}
+    artifact = TrainingProgress(unique_id, float((cfg.get("orchestration") or {}).get("progress_every_s", 10)))
 
     def progress(step: int, total: int, stats: dict[str, float]) -> None:
+        artifact(step, total, stats)
         if "bar" not in bar:
             bar["bar"] = tqdm(total=total, desc="    train", unit="step", leave=False, mininterval=1.0)
         b = bar["bar"]
@@ -67,8 +84,13 @@ def run_stages(product: Product, store: ProductStore, cfg: dict[str, Any], echo:
     work_dir = Path(cfg["data_dir"]) / "work" / uid
     work_dir.mkdir(parents=True, exist_ok=True)
     storage = StorageSettings(**cfg["storage"])
-    runner = StageRunner(uid, work_dir, cfg["stages"], bool(cfg.get("refresh_cache")), echo)
-    status, error, result = "FAILED", None, {}
+    orchestration = cfg.get("orchestration") or {}
+    runner = StageRunner(
+        uid, work_dir, cfg["stages"], bool(cfg.get("refresh_cache")), echo,
+        result_storage=result_storage(cfg), gpu_limit=orchestration.get("gpu_limit") or None,
+    )
+    _UNMARKED[uid] = runner
+    status, error, result, preview_key = "FAILED", None, {}, None
     try:
         # The video's version in the store keys ingest; its sha256 keys everything after.
         source = {"video_link": product.video_link, "version": store.object_version(product.video_link)}
@@ -97,7 +119,8 @@ def run_stages(product: Product, store: ProductStore, cfg: dict[str, Any], echo:
             settings=segment.segmenter_settings(cfg["segmenter"]),
         )
         field = runner.run(
-            "train", [masks.fingerprint], cfg["nerf"], masks=masks, settings=cfg["nerf"], progress=_training_progress(echo)
+            "train", [masks.fingerprint], cfg["nerf"], masks=masks, settings=cfg["nerf"],
+            progress=_training_progress(uid, cfg), oom_retry=cfg["stages"]["train"].get("oom_retry"),
         )
         asset = runner.run(
             "mesh", [field.fingerprint], cfg["mesh"], field=field, masks=masks, settings=mesh.MeshSettings(**cfg["mesh"])
@@ -109,9 +132,13 @@ def run_stages(product: Product, store: ProductStore, cfg: dict[str, Any], echo:
         )
         if preview is not None:
             # The gallery's thumbnail and the product page's poster; published before the manifest.
-            store.put_object(f"{model_prefix(uid)}/preview.png", preview, "image/png")
+            preview_key = f"{model_prefix(uid)}/preview.png"
+            store.put_object(preview_key, preview, "image/png")
         target = {"backend": storage.backend, "root": storage.root, "bucket": storage.bucket}
-        published = runner.run("upload", [shards.fingerprint], target, shards=shards, store=store, unique_id=uid)
+        published = runner.run(
+            "upload", [shards.fingerprint], target, reuse_if=_still_published(store, shards), shards=shards, store=store,
+            unique_id=uid,
+        )
         store.mark_done(uid, published.manifest_key)
         status = "DONE"
         result = {
@@ -124,11 +151,28 @@ def run_stages(product: Product, store: ProductStore, cfg: dict[str, Any], echo:
         error = exc.reason
     except Exception as exc:  # a bug outside a stage still fails the product with its reason
         log.exception("run of %s failed outside a stage", uid)
-        error = f"pipeline: {type(exc).__name__}: {exc}"
+        error = f"{runner.current or 'pipeline'}: {type(exc).__name__}: {exc}"
     if status != "DONE":
         store.mark_failed(uid, error or "unknown error")
+    _UNMARKED.pop(uid, None)
     report = write_report(work_dir, uid, product.title, runner.runs, status, error, cfg)
+    publish_run_artifacts(uid, product.title, runner.runs, status, error, cfg, preview_key)
     return ProductResult(uid, status, error, str(report), **result)
+
+
+def _still_published(store: ProductStore, shards: Any) -> Callable[[Any], bool]:
+    """A cached upload holds only while the store's manifest is still this one (a run with
+    other settings may have published another model of the product since)."""
+
+    def check(publication: Any) -> bool:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                current = store.get_object(publication.manifest_key, Path(tmp) / "manifest.json").read_bytes()
+            except Exception:  # missing or unreadable: publish again
+                return False
+        return current == Path(shards.manifests[0]).read_bytes()
+
+    return check
 
 
 def _write_preview(glb: Path, png: Path) -> Path | None:
@@ -144,7 +188,48 @@ def _write_preview(glb: Path, png: Path) -> Path | None:
         return None
 
 
-@flow(name="reconstruct-product", log_prints=True)
+def _flow_config(parameters: dict[str, Any]) -> dict[str, Any]:
+    config = parameters.get("config")
+    return to_plain(config) if config is not None else compose_config(parameters.get("overrides") or ())
+
+
+def mark_failed_for_good(flow: Any, flow_run: Any, state: Any) -> None:
+    """Flow hook (failed, crashed, cancelled): leave the product FAILED with the stage and why.
+
+    Runs in the flow's process, or in the worker's when a cancelled run's process was killed.
+    A product that run_stages already marked, or that another worker holds, is left alone.
+    """
+    parameters = dict(flow_run.parameters or {})
+    unique_id = str(parameters.get("unique_id"))
+    runner = _UNMARKED.pop(unique_id, None)
+    try:
+        outcome = state.result(raise_on_failure=False)
+    except BaseException as exc:  # a crashed state may carry no retrievable result
+        outcome = exc
+    if isinstance(outcome, ProductFailed):
+        return
+    cfg = _flow_config(parameters)
+    store = open_store(cfg["storage"])
+    product = store.get(unique_id)
+    if product.status != "PROCESSING" or product.claimed_by != cfg["worker"]:
+        return
+    stage = runner.current if runner is not None and runner.current else "run"
+    what = {"CRASHED": "crashed", "CANCELLED": "was cancelled", "CANCELLING": "was cancelled"}.get(
+        state.type.value, "failed"
+    )
+    detail = f"{type(outcome).__name__}: {outcome}" if isinstance(outcome, BaseException) else state.message
+    reason = f"{stage}: the run {what} ({detail or state.name}); nothing was published. Rerun the product to resume"
+    store.mark_failed(unique_id, reason)
+    log.warning("marked %s FAILED: %s", unique_id, reason)
+
+
+@flow(
+    name="reconstruct-product",
+    log_prints=True,
+    on_failure=[mark_failed_for_good],
+    on_crashed=[mark_failed_for_good],
+    on_cancellation=[mark_failed_for_good],
+)
 def reconstruct_product(
     unique_id: str,
     overrides: Sequence[str] | None = None,

@@ -49,6 +49,31 @@ def _outputs(run: StageRun) -> str:
     return ""
 
 
+def run_summary(runs: Sequence[StageRun]) -> dict[str, Any]:
+    """The few numbers that compare runs (multirun table, metrics artifact); None where a stage
+    did not finish. Train and mesh numbers come from their metrics files, so a cached stage
+    reports the time it took when it ran."""
+    by_stage = {r.stage: r for r in runs if r.record is not None}
+    summary: dict[str, Any] = {"run_seconds": round(sum(r.seconds for r in runs), 2)}
+    train = _read_json(by_stage["train"].record.metrics) if "train" in by_stage else {}
+    extra = train.get("extra") or {}
+    summary.update(
+        train_backend=train.get("backend"),
+        train_steps=train.get("steps"),
+        train_seconds=round(train["seconds"], 2) if "seconds" in train else None,
+        train_device=train.get("device"),
+        psnr_holdout_db=round(extra["psnr_holdout_object"], 3) if extra.get("psnr_holdout_object") is not None else None,
+        mask_iou_holdout=extra.get("mask_iou_holdout"),
+    )
+    mesh = _read_json(by_stage["mesh"].record.metrics) if "mesh" in by_stage else {}
+    summary.update(
+        triangles=mesh.get("triangles"),
+        glb_bytes=mesh.get("glb_bytes"),
+        mesh_seconds=round(sum((mesh.get("seconds") or {}).values()), 2) if mesh.get("seconds") else None,
+    )
+    return summary
+
+
 def write_report(
     work_dir: Path,
     unique_id: str,
@@ -94,6 +119,7 @@ def write_report(
                 "title": title,
                 "status": status,
                 "error": error,
+                "summary": run_summary(runs),
                 "stages": [
                     {"stage": r.stage, "state": r.state, "seconds": round(r.seconds, 3), "out_dir": str(r.out_dir)}
                     for r in runs

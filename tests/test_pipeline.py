@@ -1,7 +1,10 @@
-"""End to end: a tiny rendered turntable through all nine stages, caching, and a broken upload.
+"""End to end: a tiny rendered turntable through all nine stages, caching, reruns after a
+failed stage, artifacts, a multirun sweep, and a broken upload.
 
 Runs the real pipeline (pycolmap, OpenCV isolation, the PyTorch NeRF on the CPU, marching
-cubes, trimesh export, sharding, the local store) under a temporary Prefect server.
+cubes, trimesh export, sharding, the local store) under a temporary Prefect server; colmap,
+train and mesh run in child processes as conf/config.yaml says. One full run (the module
+fixture) is shared by every test; the others change only late stages.
 """
 
 from __future__ import annotations
@@ -95,18 +98,81 @@ def test_end_to_end_turns_a_video_into_a_model(first_run, turntable, data_dir) -
     assert "| colmap |" in report and "| mesh |" in report
 
 
+def test_run_leaves_artifacts_in_the_prefect_ui(first_run) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.artifacts import artifact_key
+
+    assert first_run.status == "DONE", first_run.error
+    kinds = ("training", "metrics", "masks", "preview", "model")
+    keys = {artifact_key("basket-1", kind): kind for kind in kinds}
+    with get_client(sync_client=True) as client:
+        found = client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(keys))))
+    by_kind = {keys[a.key]: a for a in found}
+    assert set(by_kind) == set(kinds), sorted(by_kind)
+    assert float(by_kind["training"].data) == 100.0
+    metrics = json.loads(by_kind["metrics"].data) if isinstance(by_kind["metrics"].data, str) else by_kind["metrics"].data
+    rows = {row["metric"]: row["value"] for row in metrics}
+    assert rows["psnr_holdout_db"] > 15 and rows["triangles"] > 1000 and rows["train"].startswith("Completed")
+    assert "data:image/jpeg;base64," in by_kind["masks"].data
+    assert by_kind["preview"].data == "http://127.0.0.1:8765/store/models/basket-1/preview.png"
+    assert "http://127.0.0.1:8765/product.html?id=basket-1" in by_kind["model"].data
+
+
 def test_same_product_twice_runs_nothing(first_run, data_dir) -> None:
     again = reconstruct_product("basket-1", config=_config(data_dir))
     assert again.status == "DONE"
     assert set(_states(again).values()) == {"Cached"}, _states(again)
 
 
-def test_mesh_settings_rerun_only_mesh_shard_upload(first_run, data_dir) -> None:
-    changed = reconstruct_product("basket-1", config=_config(data_dir, "mesh.max_triangles=20000"))
+def test_failed_mesh_then_rerun_resumes_at_mesh(first_run, data_dir, monkeypatch) -> None:
+    import tasks.mesh
+    from tests import stage_fakes
+
+    cfg = _config(data_dir, "mesh.max_triangles=20000")
+    with monkeypatch.context() as faulty:
+        faulty.setattr(tasks.mesh, "extract_mesh", stage_fakes.broken_mesh)  # runs in the mesh child process
+        failed = reconstruct_product("basket-1", config=cfg, return_state=True)
+    assert failed.is_failed()
+    product = open_store(cfg["storage"]).get("basket-1")
+    assert product.status == "FAILED"
+    assert product.error == "mesh: injected fault: marching cubes found no surface", product.error
+    # The rerun (as the UI's retry would start it): every stage before mesh is reused.
+    changed = reconstruct_product("basket-1", config=cfg)
     assert changed.status == "DONE", changed.error
+    assert open_store(cfg["storage"]).get("basket-1").status == "DONE"
     states = _states(changed)
     assert {k for k, v in states.items() if v != "Cached"} == {"mesh", "shard", "upload"}, states
     assert changed.glb != first_run.glb  # a new folder: the first model is untouched
+
+
+def test_multirun_sweep_writes_a_comparison_table(first_run, turntable, data_dir, monkeypatch, capsys) -> None:
+    import sys
+
+    from flows import cli
+
+    assert first_run.status == "DONE", first_run.error
+    monkeypatch.setattr(sys, "argv", ["korokoro"])
+    monkeypatch.setenv("PREFECT_LOCAL_STORAGE_PATH", str(data_dir / "prefect" / "results"))  # cli sets it
+    args = [f"video={turntable.video}", "name=wicker basket", "unique_id=basket-1", f"data_dir={data_dir}"]
+    with pytest.raises(SystemExit) as done:
+        # 20000 is the failed-mesh test's setting, 30000 the first run's: both meshes are cached.
+        cli.main(["--multirun", "run", *args, "worker=test-worker", "profile=cpu", "mesh.max_triangles=20000,30000"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    (table_csv,) = data_dir.glob("multirun/*/*/comparison.csv")
+    assert str(table_csv.with_suffix(".md")) in out
+    import csv
+
+    rows = list(csv.DictReader(table_csv.open()))
+    assert [(r["job"], r["mesh.max_triangles"], r["status"]) for r in rows] == [("0", "20000", "DONE"), ("1", "30000", "DONE")]
+    smaller, first = rows
+    assert 1000 < int(smaller["triangles"]) <= 20000
+    assert float(smaller["PSNR dB"]) == float(first["PSNR dB"]) > 15  # one trained field, reused
+    # Job 1 has the first run's settings: its mesh is the first run's, reused from the cache.
+    assert int(first["triangles"]) == json.loads((Path(first_run.glb).parent / "metrics.json").read_text())["triangles"]
+    assert float(first["GLB MiB"]) == pytest.approx(Path(first_run.glb).stat().st_size / 2**20, abs=0.01)
 
 
 def test_broken_upload_fails_with_reason_and_worker_goes_on(data_dir, tmp_path) -> None:
