@@ -24,7 +24,7 @@ from flows.report import write_report
 from flows.stages import StageFailed, StageRunner
 from tasks import colmap, detect, frames, mesh, segment
 from tasks.storage import ProductStore, open_store
-from tasks.storage.base import StorageSettings
+from tasks.storage.base import StorageSettings, StoreError
 from tasks.types import Product
 from tasks.upload import model_prefix
 
@@ -210,8 +210,13 @@ def mark_failed_for_good(flow: Any, flow_run: Any, state: Any) -> None:
         return
     cfg = _flow_config(parameters)
     store = open_store(cfg["storage"])
-    product = store.get(unique_id)
-    if product.status != "PROCESSING" or product.claimed_by != cfg["worker"]:
+    try:
+        product = store.get(unique_id)
+    except StoreError:  # no such product: nothing to mark
+        return
+    # The claimant: a hand-over's name when the dispatcher passed one (``claim``), else the worker's.
+    claimant = parameters.get("claim") or cfg["worker"]
+    if product.status != "PROCESSING" or product.claimed_by != claimant:
         return
     stage = runner.current if runner is not None and runner.current else "run"
     what = {"CRASHED": "crashed", "CANCELLED": "was cancelled", "CANCELLING": "was cancelled"}.get(

@@ -211,6 +211,31 @@ def test_a_run_that_crashes_mid_stage_leaves_the_product_failed_with_the_stage(
     assert "Rerun the product" in product.error
 
 
+def test_the_same_flow_run_retried_claims_again_and_ends_done(
+    prefect_api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows import reconstruct
+
+    cfg, store = _store_with(tmp_path, "mug-4")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text("{}")
+    attempts: list[tuple[int, str]] = []
+
+    def fails_once(product, store, cfg, echo=print):
+        attempts.append((product.attempts, product.status))
+        if len(attempts) == 1:
+            store.mark_failed(product.unique_id, "mesh: injected")
+            return reconstruct.ProductResult(product.unique_id, "FAILED", "mesh: injected", "report.md")
+        store.put_object("models/mug-4/manifest.json", manifest, "application/json")
+        store.mark_done(product.unique_id, "models/mug-4/manifest.json")
+        return reconstruct.ProductResult(product.unique_id, "DONE", None, "report.md")
+
+    monkeypatch.setattr(reconstruct, "run_stages", fails_once)
+    result = reconstruct.reconstruct_product.with_options(retries=1)("mug-4", config=cfg)
+    assert result.status == "DONE" and attempts == [(1, "PROCESSING"), (2, "PROCESSING")]
+    assert store.get("mug-4").status == "DONE"
+
+
 def test_the_hook_leaves_a_product_another_worker_holds_alone(prefect_api, tmp_path: Path) -> None:
     from flows.reconstruct import reconstruct_product
 
@@ -301,11 +326,18 @@ def test_training_progress_artifact_is_throttled_and_ends_at_100(prefect_api) ->
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
+    from prefect import flow
+
     from flows.artifacts import TrainingProgress
 
     progress = TrainingProgress("mug-9", every_s=3600)
-    for step in range(1, 11):
-        progress(step, 10, {"loss": 0.1, "psnr": 20.0})
+
+    @flow
+    def training() -> None:
+        for step in range(1, 11):
+            progress(step, 10, {"loss": 0.1, "psnr": 20.0})
+
+    training()
     assert progress.writes == 2  # the first call, then the last step; nothing in between
     with get_client(sync_client=True) as client:
         found = client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[progress.key])))
