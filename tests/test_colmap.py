@@ -90,6 +90,24 @@ def test_turntable_cameras_match_truth(solved, case):
     assert rig.reprojection_error_px < 1.0
 
 
+def test_frames_stage_output_solves_within_the_same_bounds(solved, tmp_path):
+    """The frames stage's JPEG picks, indexed by ``source_index``, meet the bounds too."""
+    from bench.quality import camera_quality
+    from tasks.frames import FrameSettings, extract_frames
+    from tasks.types import VideoInput
+
+    _, truth_dir = solved(CASES[0])
+    video = truth_dir.parent / "video.mp4"
+    frames = extract_frames(
+        VideoInput("tt", "basket", "others", video, "-", 0, "tt"), tmp_path / "frames",
+        FrameSettings(count=TURNTABLE["frames"], long_side=TURNTABLE["width"]), "fp",
+    )
+    rig = solve_cameras(frames, tmp_path / "cameras", default_settings(), "fp")
+    quality = camera_quality(frames.index, rig.transforms, truth_dir)
+    assert quality["registered"] / quality["frames"] >= 0.95, quality
+    assert quality["rotation_error_deg_median"] <= 0.5 and quality["position_error_of_radius_median"] <= 0.01, quality
+
+
 def test_normalised_world_is_centred_upright_and_scaled(solved):
     rig, truth_dir = solved(CASES[0])
     est, true, transforms = estimated_and_true(rig, truth_dir)
