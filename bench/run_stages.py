@@ -2,6 +2,7 @@
 
     python -m bench.run_stages --turntable sample/basket --out bench-out/basket --profile cpu
     python -m bench.run_stages --turntable DIR --frames DIR/frames --profile gpu   # frames made elsewhere
+    python -m bench.run_stages --turntable DIR --reuse OUT1 --out OUT2 nerf.steps=8000  # from train on
 
 Runs the stage functions directly (no Prefect: the figures are the stages' own cost) in one
 process, prints a table and writes ``results.json`` + ``results.md`` into ``--out``.
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench import quality
+from bench.records import load_records, save_records
 from flows.config import compose_config
 from tasks import colmap, detect, mesh, segment, shard, train
 from tasks.types import FrameSet, VideoInput
@@ -55,12 +57,18 @@ def existing_frames(folder: Path) -> FrameSet:
     return FrameSet(folder, folder / "frames.json", len(index["frames"]), first["width"], first["height"], "pre")
 
 
-def run(turntable: Path, out: Path, overrides: list[str], frames_dir: Path | None) -> dict[str, Any]:
+def run(
+    turntable: Path, out: Path, overrides: list[str], frames_dir: Path | None, reuse: Path | None = None
+) -> dict[str, Any]:
     cfg = compose_config(overrides)
     truth = turntable / "truth"
     rows: list[dict[str, Any]] = []
     out.mkdir(parents=True, exist_ok=True)
-    if frames_dir is None:
+    if reuse is not None:
+        # Cameras and masks of an earlier run (its records.json): time only train, mesh, shard.
+        done = load_records(reuse)
+        stills, rig, boxes, masks = done["frames"], done["colmap"], done["detect"], done["segment"]
+    elif frames_dir is None:
         from tasks import frames  # PyAV: only where the video is decoded here
 
         video = VideoInput("bench", "bench", "others", turntable / "video.mp4", "-", 0, "bench")
@@ -68,16 +76,18 @@ def run(turntable: Path, out: Path, overrides: list[str], frames_dir: Path | Non
             video, out / "frames", frames.FrameSettings(**cfg["frames"]), "f"))
     else:
         stills = existing_frames(frames_dir)
-    rig = _timed(rows, "colmap", lambda: colmap.solve_cameras(
-        stills, out / "colmap", colmap.ColmapSettings(**cfg["colmap"]), "c"))
-    boxes = _timed(rows, "detect", lambda: detect.detect_product(
-        rig, out / "detect", detect.detector_settings(cfg["detector"]), "d"))
-    masks = _timed(rows, "segment", lambda: segment.segment_product(
-        rig, boxes, out / "segment", segment.segmenter_settings(cfg["segmenter"]), "s"))
+    if reuse is None:
+        rig = _timed(rows, "colmap", lambda: colmap.solve_cameras(
+            stills, out / "colmap", colmap.ColmapSettings(**cfg["colmap"]), "c"))
+        boxes = _timed(rows, "detect", lambda: detect.detect_product(
+            rig, out / "detect", detect.detector_settings(cfg["detector"]), "d"))
+        masks = _timed(rows, "segment", lambda: segment.segment_product(
+            rig, boxes, out / "segment", segment.segmenter_settings(cfg["segmenter"]), "s"))
     field = _timed(rows, "train", lambda: train.train_field(masks, out / "train", cfg["nerf"], "t"))
     device = "cuda" if cfg["nerf"].get("device") == "cuda" else "cpu"
     asset = _timed(rows, "mesh", lambda: mesh.extract_mesh(
         field, masks, out / "mesh", mesh.MeshSettings(**cfg["mesh"]), "m", device=device))
+    save_records(out, {"frames": stills, "colmap": rig, "detect": boxes, "segment": masks, "train": field, "mesh": asset})
     _timed(rows, "shard", lambda: shard.shard_assets(asset, "bench", out / "shard", cfg["storage"]["part_bytes"], "h"))
 
     figures: dict[str, Any] = {}
@@ -124,9 +134,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--frames", type=Path, default=None, help="use frames extracted earlier")
+    parser.add_argument("--reuse", type=Path, default=None, help="start at train with the cameras and masks of this earlier run")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. nerf.steps=2000")
     args = parser.parse_args()
-    run(args.turntable, args.out, [f"profile={args.profile}", *args.overrides], args.frames)
+    run(args.turntable, args.out, [f"profile={args.profile}", *args.overrides], args.frames, args.reuse)
 
 
 if __name__ == "__main__":
