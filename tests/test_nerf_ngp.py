@@ -313,3 +313,19 @@ def test_yaml_lists_every_setting_and_builds_them():
     config = yaml.safe_load((Path(__file__).parents[1] / "conf/nerf/ngp.yaml").read_text())
     assert set(config) == {f.name for f in dataclasses.fields(NgpSettings)}
     assert settings_from_dict(config, NgpSettings).backend == "ngp"
+
+
+def test_gather_rows_matches_indexing_and_its_gradient():
+    from tasks.nerf.hashgrid import gather_rows
+
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(50, 2, generator=generator, requires_grad=True)
+    index = torch.randint(0, 50, (3, 7, 8), generator=generator)  # repeated rows must accumulate
+    weights = torch.randn(3, 7, 8, 2, generator=generator)
+    rows = gather_rows(table, index)
+    assert torch.equal(rows, table[index])
+    (rows * weights).sum().backward()
+    ours = table.grad.clone()
+    table.grad = None
+    (table[index] * weights).sum().backward()
+    assert torch.allclose(ours, table.grad, atol=1e-6)
