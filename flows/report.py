@@ -63,7 +63,7 @@ def run_summary(runs: Sequence[StageRun]) -> dict[str, Any]:
         train_seconds=round(train["seconds"], 2) if "seconds" in train else None,
         train_device=train.get("device"),
         psnr_holdout_db=round(extra["psnr_holdout_object"], 3) if extra.get("psnr_holdout_object") is not None else None,
-        mask_iou_holdout=extra.get("mask_iou_holdout"),
+        mask_iou_holdout=round(extra["mask_iou_holdout"], 4) if extra.get("mask_iou_holdout") is not None else None,
     )
     mesh = _read_json(by_stage["mesh"].record.metrics) if "mesh" in by_stage else {}
     summary.update(
