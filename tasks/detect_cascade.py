@@ -25,10 +25,11 @@ import numpy as np
 from tasks import isolation_geometry as geo
 from tasks.detect import DetectionResult, DetectorSettings, FrameDetection, detect_geometric, register_detector
 from tasks.detect_models import FINDERS, Candidates, Skipped
-from tasks.isolation_weights import MissingWeights, owlvit_weights, weights_folder, yolo_weights
+from tasks.isolation_weights import MissingWeights, owlvit_weights, require, weights_folder, yolo_weights
 from tasks.types import CameraRig
 
 log = logging.getLogger(__name__)
+WEIGHTS = {"yolo": yolo_weights, "owlvit": owlvit_weights}
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,7 @@ def detect_cascade(rig: CameraRig, views: geo.Views, settings: ModelDetectorSett
     attempts: list[dict[str, Any]] = []
     for name in ([settings.name] if forced else ["yolo", "owlvit"]):
         try:
+            require(WEIGHTS[name](settings), settings.weights_dir)  # before reading any frame
             result, attempt = detect_by_model(name, views, settings, query, geometric, forced)
         except MissingWeights as exc:
             if forced:

@@ -277,8 +277,8 @@ def test_boxes_from_a_few_frames_reach_every_frame(rig, tmp_path, monkeypatch):
         return out
 
     monkeypatch.setitem(detect_models.FINDERS, "yolo", stand_in)
-    monkeypatch.setattr(detect_cascade, "FINDERS", detect_models.FINDERS)
     settings = detector_settings({**compose_config(["detector=yolo"])["detector"], "weights_dir": str(tmp_path)})
+    (tmp_path / settings.yolo_weights).touch()  # the stand-in needs no weights, but the cascade checks for them
     det = detect_product(camera_rig, tmp_path / "detect", settings, "fp", query="cup")
     boxes = json.loads(Path(det.boxes).read_text())
     subset = set(detect_cascade.subset_indices(views, settings.detect_frames).tolist())
@@ -314,6 +314,7 @@ def test_boxes_that_disagree_are_not_used(rig, tmp_path, monkeypatch):
 
     monkeypatch.setitem(detect_models.FINDERS, "owlvit", scattered)
     settings = detector_settings({**compose_config(["detector=owlvit"])["detector"], "weights_dir": str(tmp_path)})
+    random_weights.write_random_owlvit(tmp_path, settings.owlvit_weights, random_weights.tiny_owlvit_config())
     with pytest.raises(ValueError, match="detector=owlvit did not find the product .*owlvit_threshold"):
         detect_product(rig[0], tmp_path / "detect", settings, "fp", query="wicker basket")
 
