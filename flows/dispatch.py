@@ -8,8 +8,9 @@ The claim hand-over. ``process-queue`` (``dispatch=True``) is the only thing tha
 2. it creates one flow run of ``reconstruct-product`` with ``claim=<that name>`` (idempotency
    key = the name, so a retried request cannot create a second run);
 3. the run, on whichever GPU worker picks it up, does not claim again: :func:`take_over` checks
-   that the product is still PROCESSING under *its* claimant name with the lease not run out,
-   and works under that claim. If the claim went elsewhere, the run does nothing.
+   that the product is still PROCESSING under *its* claimant name and works under that claim
+   (renewing it, one more attempt, only if the lease ran out while the run waited and nobody
+   took the product meanwhile). If the claim went elsewhere, the run does nothing (Cancelled).
 
 Why this keeps the two promises:
 
@@ -23,7 +24,8 @@ Why this keeps the two promises:
   PROCESSING with a lease that ends; the next tick's ``claim_next`` takes it again (attempts
   + 1, so a product that kills workers ends FAILED after ``queue.max_attempts``).
 
-Attempts count once per hand-over (the run does not call ``claim``, which would count again).
+Attempts count once per hand-over (the run does not call ``claim``, which would count again,
+except to renew a lease that ran out before the run started).
 At most ``deploy.max_in_flight`` products are held at a time, so claims do not wait in the work
 pool while their leases run.
 """
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from tasks.storage import ProductStore
+from tasks.storage.base import StoreError
 from tasks.types import Product
 
 # "flow name/deployment name" of the runs the dispatcher starts (flows/deploy.py creates it).
@@ -67,18 +70,23 @@ def held_products(store: ProductStore, lease_s: float, now: float | None = None)
 
 
 def take_over(store: ProductStore, unique_id: str, claim: str, lease_s: float) -> Product | None:
-    """The product, if ``claim`` is still its current claim with time left on the lease; else None.
+    """The product, if ``claim`` is still its current claim; else None.
 
     Called by a ``reconstruct-product`` run handed ``claim`` by the dispatcher. None means the
-    hand-over is stale (the lease ran out and the product went to another run, or it finished):
-    the run must not touch the product.
+    hand-over is stale (the product went to another run, or it finished): the run must not
+    touch the product. When the lease ran out while the run waited for a worker and nobody has
+    taken the product since, the claim is renewed under the same name (one more attempt);
+    if another claim wins that race, None.
     """
     product = store.get(unique_id)
     if product.status != "PROCESSING" or product.claimed_by != claim:
         return None
-    if product.claimed_at is None or product.claimed_at + lease_s <= time.time():
+    if product.claimed_at is not None and product.claimed_at + lease_s > time.time():
+        return product
+    try:
+        return store.claim(unique_id, claim, lease_s)  # refused while another claim's lease lives
+    except StoreError:
         return None
-    return product
 
 
 def check_deployment(name: str = RECONSTRUCT_DEPLOYMENT) -> None:

@@ -74,11 +74,21 @@ def test_take_over_only_by_the_current_claim(tmp_path) -> None:
     assert take_over(store, "p0", "someone/dispatch-else", 0.5) is None
     # The run never came (a dead worker): after the lease the next tick hands the product out again.
     time.sleep(0.6)
-    assert take_over(store, "p0", old.claim, 0.5) is None  # the lease ran out: too late to start
     (new,) = dispatch_products(store, cfg, [], start_run=RunRecorder(), echo=lambda _: None)
     assert new.unique_id == "p0" and new.claim != old.claim and new.attempt == 2
     assert take_over(store, "p0", old.claim, 60) is None  # the late first run must not touch it
     assert take_over(store, "p0", new.claim, 60) is not None
+
+
+def test_a_late_run_renews_its_claim_when_nobody_took_the_product(tmp_path) -> None:
+    cfg = _cfg(tmp_path, "queue.lease_s=2", "deploy.max_in_flight=1")
+    _queue(cfg, 1)
+    store = open_store(cfg["storage"])
+    (hand_over,) = dispatch_products(store, cfg, [], start_run=RunRecorder(), echo=lambda _: None)
+    time.sleep(2.1)  # the run waited in the pool longer than the lease
+    renewed = take_over(store, "p0", hand_over.claim, 2)
+    assert (renewed.status, renewed.claimed_by, renewed.attempts) == ("PROCESSING", hand_over.claim, 2)
+    assert store.claim_next("dispatcher/dispatch-next", 2, 3) is None  # held again
 
 
 def test_dispatch_gives_up_after_max_attempts(tmp_path) -> None:
