@@ -186,3 +186,24 @@ def test_a_stale_hand_over_ends_cancelled_and_touches_nothing(tmp_path, prefect_
     assert store.get("p0") == before  # no claim, no stage, no mark, attempts unchanged
     assert not (Path(cfg["data_dir"]) / "work" / "p0").exists()
     assert current.claim == before.claimed_by
+
+
+def test_colab_notebook_is_valid_and_its_run_line_composes() -> None:
+    import json
+
+    notebook = json.loads((REPO / "infra" / "korokoro_colab.ipynb").read_text())
+    assert notebook["nbformat"] == 4
+    runs = []
+    for cell in notebook["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        lines = "".join(cell["source"]).splitlines()
+        runs += [line for line in lines if line.lstrip().startswith("!korokoro run ")]
+        # IPython's ! and % lines (read as `pass`) aside, every code cell is Python.
+        magic = [line.lstrip()[:1] in ("!", "%") for line in lines]
+        python = [line[: len(line) - len(line.lstrip())] + "pass" if m else line for line, m in zip(lines, magic)]
+        compile("\n".join(python), "cell", "exec")
+    (run_line,) = runs
+    overrides = [a for a in run_line.split()[2:] if "{" not in a]  # the notebook fills {VIDEO} etc.
+    cfg = compose_config(overrides)
+    assert cfg["profile_name"] == "gpu" and cfg["nerf"]["device"] == "cuda"
