@@ -148,7 +148,7 @@ def train_ngp(
     settings: dict[str, Any],
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> TrainReport:
-    """Train the field and write the checkpoint folder; returns the report with held-out PSNR."""
+    """Train the field and write the checkpoint folder; returns the report with held-out PSNR and SSIM."""
     s = settings_from_dict(settings, NgpSettings)
     device = choose_device(s.device)
     threads = torch.get_num_threads()
@@ -252,6 +252,8 @@ def _train(
         extra={
             "psnr_holdout_object": holdout["psnr_object"],
             "psnr_train_object": train_eval["psnr_object"],
+            "ssim_holdout_object": holdout["ssim_object"],
+            "ssim_train_object": train_eval["ssim_object"],
             "mask_iou_holdout": holdout["mask_iou"],
             "holdout_frames": len(capture.holdout_ids[:limit]),
             "train_frames": len(capture.train_ids),
