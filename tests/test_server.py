@@ -70,6 +70,25 @@ def _deployment(api: str, name: str):
         return client.read_deployment_by_name(name)
 
 
+def _server_accepts_pool_templates(api: str) -> None:
+    """The Docker and Kubernetes GPU templates are valid pool templates for this Prefect server
+    (it checks every placeholder is a declared variable). No Docker or cluster runs them here."""
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    templates = {
+        "docker": REPO / "infra" / "job-templates" / "docker-gpu.yaml",
+        "kubernetes": REPO / "infra" / "k8s" / "gpu-job-template.yaml",
+    }
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        for kind, path in templates.items():
+            template = yaml.safe_load(path.read_text())
+            pool = client.create_work_pool(WorkPoolCreate(name=f"check-{kind}", type=kind, base_job_template=template))
+            assert pool.base_job_template == template
+
+
 def test_two_workers_process_six_products_each_exactly_once(databases, tmp_path, monkeypatch) -> None:
     from tasks.fetch import fetch_model
     from tasks.storage import open_store
@@ -91,6 +110,7 @@ def test_two_workers_process_six_products_each_exactly_once(databases, tmp_path,
             **({"KOROKORO_PG_DSN": queue_dsn} if queue_dsn else {}),
         )
         loopback.run(["bash", str(REPO / "infra" / "pools.sh"), "process", "2", *storage], env)
+        _server_accepts_pool_templates(api)
         # prefect.yaml deploys as it is; then `korokoro deploy` replaces both with this test's overrides.
         loopback.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], env)
         assert _deployment(api, "process-queue/process-queue").work_pool_name == "korokoro-cpu"
