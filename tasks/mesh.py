@@ -7,7 +7,7 @@ OBJ + MTL within ``max_glb_bytes``. The triangle budget is planned before unwrap
 byte model of the GLB; the texture encoding is then fitted to the real bake, and a second
 (last) round runs only if the real file is still over. Geometry lives in
 tasks/mesh_geometry.py, colour in tasks/mesh_texture.py, UVs in tasks/mesh_unwrap.py,
-writers in tasks/mesh_export.py.
+writers in tasks/mesh_export.py, the USDZ for Quick Look in tasks/mesh_usdz.py.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from tasks.mesh_iso import choose_iso_level, silhouette_iou
 from tasks.mesh_export import Z_UP_TO_Y_UP, estimate_glb_bytes, glb_bytes, write_obj
 from tasks.mesh_texture import bake_texture, encode_image, linear_to_srgb, shade, srgb_to_linear
 from tasks.mesh_unwrap import unwrap
+from tasks.mesh_usdz import export_usdz
 from tasks.nerf.base import get_backend
 from tasks.types import MaskSet, MeshAsset, TrainedField
 
@@ -83,6 +84,7 @@ class MeshSettings:
     color_shared_ray: bool = True
     unwrap_pack_scale: float = 0.5
     unwrap_faces_per_part: int = 6000
+    usdz: bool = True
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> None:
@@ -283,8 +285,9 @@ def extract_mesh(
 
     Writes ``model.glb`` (+Y up, metallic 0, texture embedded, ≤ ``max_glb_bytes``),
     ``model.obj`` + ``model.mtl`` (+ ``model_texture.jpg|png``; +Y up like the GLB, for three.js
-    OBJLoader) and ``metrics.json``. Raises :class:`tasks.mesh_geometry.EmptyFieldError` when the
-    field holds no product and :class:`MeshBudgetError` when the budget cannot be met.
+    OBJLoader), ``model.usdz`` (``usdz``: true and usd-core installed) and ``metrics.json``.
+    Raises :class:`tasks.mesh_geometry.EmptyFieldError` when the field holds no product and
+    :class:`MeshBudgetError` when the budget cannot be met.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -374,12 +377,18 @@ def extract_mesh(
     write_obj(obj_path, arrays["vertices"], arrays["normals"], arrays["faces"], settings.roughness,
               uv=arrays["uv"] if texture is not None else None, texture_name=texture_name, colors_srgb=obj_colors)
     lap("export")
+    # Optional: off, without usd-core, or if pxr fails, it says why in metrics and the stage goes on.
+    usdz_path, usdz = export_usdz(settings.usdz, out_dir / "model.usdz", arrays, texture, fmt,
+                                  settings.roughness, settings.field_color_space)
+    extra.update({"usdz": str(usdz_path)} if usdz_path else {})
+    lap("usdz")
 
     metrics = {
         "triangles": int(len(arrays["faces"])),
         "vertices": int(len(arrays["vertices"])),
         "glb_bytes": len(glb),
         "obj_bytes": obj_path.stat().st_size,
+        **usdz,
         "texture_size": size if texture is not None else 0,
         "texture_format": fmt if texture is not None else None,
         "jpeg_quality": quality if texture is not None and fmt == "jpeg" else None,

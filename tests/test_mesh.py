@@ -392,3 +392,39 @@ def test_web_preset_meets_the_commerce_budget(tmp_path, monkeypatch):
     assert len(glb["faces"]) == metrics["triangles"]
     radius = np.linalg.norm(glb["vertices"], axis=1)  # centred at the origin: +Y up changes no radius
     assert np.abs(radius - BUMPY.radius).max() < 0.05
+
+
+def test_usdz_matches_the_glb(web_run):
+    """model.usdz (Quick Look) carries the GLB's triangles, positions and texture bytes, and ships with the manifest."""
+    usdz = pytest.importorskip("tasks.mesh_usdz")
+    if not usdz.usd_available():
+        pytest.skip("usd-core (the usdz extra) is not installed")
+    asset, metrics = web_run
+    path = Path(asset.extra["usdz"])
+    assert path == asset.dir / "model.usdz" and metrics["usdz"] == "written"
+    assert metrics["usdz_bytes"] == path.stat().st_size and "usdz" in metrics["seconds"]
+    assert usdz.usdz_problems(path) == []
+    back, glb = usdz.read_usdz(path), read_glb(asset.glb)
+    assert len(back["faces"]) == metrics["triangles"] == len(glb["faces"])
+    assert len(back["points"]) == metrics["vertices"]
+    # The GLB's positions are 16-bit quantised over the mesh's extent: the USDZ keeps float32.
+    np.testing.assert_allclose(back["points"].min(0), glb["vertices"].min(0), atol=2e-4)
+    np.testing.assert_allclose(back["points"].max(0), glb["vertices"].max(0), atol=2e-4)
+    assert back["texture"] == glb["image"] == Path(asset.extra["texture"]).read_bytes()
+    assert back["up_axis"] == "Y" and back["roughness"] == pytest.approx(FAST.roughness)
+
+
+def test_stage_goes_on_without_usd_core_or_with_usdz_off(tmp_path, monkeypatch, caplog):
+    import logging
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pxr", None)  # as if usd-core were not installed
+    with caplog.at_level(logging.INFO, logger="tasks.mesh_usdz"):
+        asset = run(tmp_path / "missing", SPHERE, replace(FAST, grid_resolution=48, texture_size=0))
+    metrics = json.loads(asset.metrics.read_text())
+    assert metrics["usdz"].startswith("skipped: usd-core is not installed") and metrics["usdz_bytes"] is None
+    assert "usdz" not in asset.extra and not (asset.dir / "model.usdz").exists() and asset.glb.exists()
+    assert "korokoro[usdz]" in caplog.text
+    monkeypatch.undo()
+    off = run(tmp_path / "off", SPHERE, replace(FAST, grid_resolution=48, texture_size=0, usdz=False))
+    assert json.loads(off.metrics.read_text())["usdz"] == "off (mesh.usdz=false)" and "usdz" not in off.extra
