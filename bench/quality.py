@@ -132,3 +132,19 @@ def geometry_quality(estimate: trimesh.Trimesh, truth_mesh: Path, samples: int =
     figures["bbox_extent_error_max"] = float(np.abs(extent_err).max())
     figures["bbox_diag_m"] = diag
     return figures
+
+
+def run_figures(train_metrics: dict, mesh_metrics: dict) -> dict[str, float | int | None]:
+    """The figures every run records in its stages' metrics.json (train: PSNR and SSIM on object
+    pixels of the held-out frames, training time, peak memory; mesh: triangles, file sizes)."""
+    extra = train_metrics.get("extra") or {}
+    return {
+        "psnr_holdout_object": extra.get("psnr_holdout_object"),
+        "ssim_holdout_object": extra.get("ssim_holdout_object"),
+        "train_seconds": train_metrics.get("seconds"),
+        "train_peak_memory_mb": train_metrics.get("peak_memory_mb"),
+        "triangles": mesh_metrics.get("triangles"),
+        "glb_bytes": mesh_metrics.get("glb_bytes"),
+        "obj_bytes": mesh_metrics.get("obj_bytes"),
+        "usdz_bytes": mesh_metrics.get("usdz_bytes"),
+    }

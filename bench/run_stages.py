@@ -101,6 +101,8 @@ def run(
     figures["triangles"] = asset.triangles
     figures["glb_bytes"] = Path(asset.glb).stat().st_size
     figures["frames_size"] = f"{stills.width}x{stills.height}"
+    # SSIM next to PSNR, training time and memory, OBJ and USDZ sizes: what each stage's metrics.json holds.
+    figures.update(quality.run_figures(train_metrics, json.loads(Path(asset.metrics).read_text())))
 
     import torch
 
