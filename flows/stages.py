@@ -130,7 +130,7 @@ STAGES: dict[str, StageSpec] = {
             "mesh",
             _stage_task(mesh.extract_mesh, "mesh"),
             ("tasks.mesh",),
-            ("trimesh", "scikit-image", "fast-simplification", "xatlas"),
+            ("trimesh", "scikit-image", "fast-simplification", "xatlas", "usd-core"),
         ),
         StageSpec("shard", _stage_task(shard.shard_assets, "shard"), ("tasks.shard",)),
         StageSpec("upload", _stage_task(upload.publish_model, "upload"), ("tasks.upload", "tasks.storage")),
