@@ -32,7 +32,10 @@ def validate_nerf_settings(settings: dict[str, Any]) -> str:
     name = str(settings["backend"])
     backend = get_backend(name)
     settings_type = getattr(backend, "settings_type", None)
-    if settings_type is not None and dataclasses.is_dataclass(settings_type):
+    validate = getattr(backend, "validate_settings", None)  # a backend with its own rules (tasks/nerf/external.py)
+    if validate is not None:
+        validate(settings)
+    elif settings_type is not None and dataclasses.is_dataclass(settings_type):
         settings_from_dict(settings, settings_type)
     return name
 

@@ -51,7 +51,13 @@ class TrainReport:
 
 
 class NerfBackend(Protocol):
-    """Train a field from disk to disk, and load it back."""
+    """Train a field from disk to disk, and load it back.
+
+    Optional, used by the train stage: ``settings_type`` (the frozen dataclass the settings are
+    checked against) or ``validate_settings(settings)`` (the backend's own check). Built in:
+    ``ngp`` (ours), ``instant_ngp`` (pyngp) and ``nerfacto`` (nerfstudio's CLI); the last two load
+    as a mesh-backed field (tasks/nerf/mesh_field.py), since their tools export meshes.
+    """
 
     name: str
 

@@ -1,0 +1,329 @@
+"""``nerfacto``: nerfstudio's nerfacto, run through nerfstudio's own command line in its own environment.
+
+nerfstudio 1.1.5 pins versions that clash with ours (opencv-python-headless 4.10, protobuf ≤ 3.20,
+gsplat 1.4.0, nerfacc 0.5.2), so it lives in a separate environment whose ``bin`` folder is
+``nerf.env_path`` (infra/nerfstudio/setup_env.sh creates it and prints the override). Nothing of
+nerfstudio is imported here: we run its tools as subprocesses, each with a timeout
+(``train_timeout_s``, ``export_timeout_s``, ``eval_timeout_s``; the whole process group is killed at
+the limit) and its output kept in ``<checkpoint>/logs/<tool>.log``.
+
+1. ``ns-train <method> ... nerfstudio-data --data <data>/transforms.json``: the frames as RGBA PNGs
+   (mask = alpha) with ``background-color random``, so the background is learned as empty; the
+   dataparser leaves our normalised world alone (orientation/centre ``none``, no pose rescaling) and
+   holds out every ``holdout_every``-th frame (``--eval-mode interval``), the same frames as the
+   ngp backend. Output: ``runs/korokoro/<method>/train/`` with ``config.yml``,
+   ``nerfstudio_models/step-*.ckpt`` and ``dataparser_transforms.json``.
+2. ``ns-export poisson|tsdf --load-config <config.yml>`` cut to the padded hull box → ``export/``:
+   ``poisson_mesh.ply`` / ``tsdf_mesh.ply`` (vertex colours) and the xatlas-textured ``mesh.obj`` +
+   ``material_0.mtl`` + ``material_0.png``. Poisson uses ``--normal-method open3d`` because nerfacto
+   predicts no normals unless trained with them.
+3. ``ns-eval`` → ``eval.json``: nerfstudio's own PSNR / SSIM / LPIPS on the held-out frames (whole
+   images, its background handling; not our object-pixel PSNR, which needs renders we cannot get).
+
+The mesh stage wants a density field, and a nerfstudio checkpoint only loads inside nerfstudio's
+environment. So the interface is the exported mesh: its vertices are mapped back from nerfstudio's
+coordinates (the inverse of dataparser_transforms.json) and stored as a mesh-backed field
+(tasks/nerf/mesh_field.py): density from inside/outside the mesh, colour from the nearest vertex.
+``load`` needs no nerfstudio and no GPU.
+
+What was run here: nothing of nerfstudio (no GPU, no nerfstudio environment on this machine). The
+tests run this module end to end against stand-in ``ns-train`` / ``ns-export`` / ``ns-eval`` scripts
+that write nerfstudio's documented output layout; the command lines were checked against
+nerfstudio's sources (tyro configs with FlagConversionOff: booleans are ``--flag True``), not
+against a real install. Not verified: a real run, its timings, quality and output quirks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from tasks.nerf.base import TrainReport, register_backend
+from tasks.nerf.external import padded_box, prepare_rgba_capture, split_settings
+from tasks.nerf.mesh_field import MeshField, MeshFieldOptions, load_mesh_field, read_mesh, write_mesh_field
+
+TOOLS = ("ns-train", "ns-export", "ns-eval")
+EXPERIMENT, TIMESTAMP = "korokoro", "train"
+EXPORT_MESH = {"poisson": "poisson_mesh.ply", "tsdf": "tsdf_mesh.ply"}
+SETUP_SCRIPT = "infra/nerfstudio/setup_env.sh"
+
+
+class NerfstudioError(RuntimeError):
+    """A nerfstudio tool is missing, failed, timed out or wrote nothing."""
+
+
+@dataclass(frozen=True)
+class NerfactoSettings(MeshFieldOptions):
+    """Every knob of the nerfacto backend (conf/nerf/nerfacto.yaml documents each one)."""
+
+    backend: str = "nerfacto"
+    env_path: str = ""
+    method: str = "nerfacto"
+    max_num_iterations: int = 30000
+    train_num_rays_per_batch: int = 4096
+    seed: int = 42
+    implementation: str = "tcnn"
+    background_color: str = "random"
+    disable_scene_contraction: bool = False
+    scene_scale: float = 1.0
+    holdout_every: int = 8
+    aabb_padding: float = 0.1
+    export_method: str = "poisson"
+    export_num_points: int = 1000000
+    export_target_num_faces: int = 50000
+    export_texture_pixels: int = 2048
+    tsdf_resolution: int = 256
+    run_eval: bool = True
+    extra_train_args: str = ""
+    train_timeout_s: float = 7200.0
+    export_timeout_s: float = 1800.0
+    eval_timeout_s: float = 1800.0
+
+    def __post_init__(self) -> None:
+        if self.export_method not in EXPORT_MESH:
+            raise ValueError(f"nerf.export_method={self.export_method!r}: choose one of {', '.join(EXPORT_MESH)}")
+        if self.implementation not in ("tcnn", "torch"):
+            raise ValueError(f"nerf.implementation={self.implementation!r}: choose 'tcnn' or 'torch'")
+
+
+def nerfstudio_bin(env_path: str) -> Path:
+    """The folder holding ns-train / ns-export / ns-eval (``env_path`` or its ``bin``), or a clear error."""
+    advice = (
+        f"Create that environment with `bash {SETUP_SCRIPT}` (it prints the override to use), "
+        "then pass nerf.env_path=<environment>/bin."
+    )
+    why = "nerf=nerfacto runs nerfstudio's command line from its own environment (nerfstudio 1.1.5 pins versions that clash with KoroKoro's)"
+    if not env_path:
+        raise NerfstudioError(f"{why}, and nerf.env_path is empty. {advice}")
+    folder = Path(env_path).expanduser()
+    if (folder / "bin" / TOOLS[0]).exists():
+        folder = folder / "bin"  # the environment's root works too
+    missing = [tool for tool in TOOLS if not os.access(folder / tool, os.X_OK)]
+    if missing:
+        raise NerfstudioError(f"{why}, and nerf.env_path={env_path!r} has no executable {', '.join(missing)}. {advice}")
+    return folder
+
+
+def ns_train_command(s: NerfactoSettings, bin_dir: Path, data: Path, runs_dir: Path) -> list[str]:
+    """``ns-train`` for ``data`` (a transforms.json) writing under ``runs_dir``."""
+    return [
+        str(bin_dir / "ns-train"), s.method,
+        "--output-dir", str(runs_dir),
+        "--experiment-name", EXPERIMENT,
+        "--timestamp", TIMESTAMP,
+        "--max-num-iterations", str(s.max_num_iterations),
+        "--save-only-latest-checkpoint", "True",
+        "--vis", "tensorboard",
+        "--machine.seed", str(s.seed),
+        "--pipeline.datamanager.train-num-rays-per-batch", str(s.train_num_rays_per_batch),
+        "--pipeline.model.background-color", s.background_color,
+        "--pipeline.model.disable-scene-contraction", str(s.disable_scene_contraction),
+        "--pipeline.model.implementation", s.implementation,
+        *shlex.split(s.extra_train_args),
+        "nerfstudio-data",
+        "--data", str(data),
+        "--downscale-factor", "1",
+        "--orientation-method", "none",
+        "--center-method", "none",
+        "--auto-scale-poses", "False",
+        "--scene-scale", str(s.scene_scale),
+        "--eval-mode", "interval" if s.holdout_every > 0 else "all",
+        "--eval-interval", str(max(1, s.holdout_every)),
+    ]
+
+
+def ns_export_command(s: NerfactoSettings, bin_dir: Path, config: Path, export_dir: Path, box: np.ndarray) -> list[str]:
+    """``ns-export poisson|tsdf`` of ``config``'s model inside ``box [2, 3]`` (nerfstudio coordinates)."""
+    common = [
+        "--load-config", str(config),
+        "--output-dir", str(export_dir),
+        "--use-bounding-box", "True",
+        "--bounding-box-min", *(f"{v:.6g}" for v in box[0]),
+        "--bounding-box-max", *(f"{v:.6g}" for v in box[1]),
+        "--target-num-faces", str(s.export_target_num_faces),
+        "--num-pixels-per-side", str(s.export_texture_pixels),
+    ]
+    if s.export_method == "poisson":
+        method = ["--num-points", str(s.export_num_points), "--remove-outliers", "True", "--normal-method", "open3d"]
+    else:
+        method = ["--resolution", str(s.tsdf_resolution)]
+    return [str(bin_dir / "ns-export"), s.export_method, *common, *method]
+
+
+def ns_eval_command(bin_dir: Path, config: Path, output: Path) -> list[str]:
+    """``ns-eval`` of ``config``'s model on its held-out frames, results to ``output`` (json)."""
+    return [str(bin_dir / "ns-eval"), "--load-config", str(config), "--output-path", str(output)]
+
+
+def run_tool(command: list[str], log: Path, timeout_s: float, timeout_key: str, bin_dir: Path) -> float:
+    """Run one nerfstudio tool with its output in ``log``; returns its seconds.
+
+    Its own session, so a timeout kills the whole process group (dataloader workers included).
+    PATH starts with the tool's environment and PYTHONPATH is dropped, so our packages never
+    shadow nerfstudio's.
+    """
+    tool = Path(command[0]).name
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    env["VIRTUAL_ENV"] = str(bin_dir.parent)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        out.write(f"$ {shlex.join(command)}\n")
+        out.flush()
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            code = process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise NerfstudioError(f"{tool} ran past nerf.{timeout_key}={timeout_s:g} s and was stopped; its log: {log}") from None
+        finally:
+            if process.poll() is None:  # timed out or interrupted: stop the tool and its children
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                process.wait()
+    if code != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+        raise NerfstudioError(f"{tool} failed with exit status {code}; the end of its log {log}:\n{tail}")
+    return time.perf_counter() - started
+
+
+def _trained_run(runs_dir: Path, method: str, log: Path) -> tuple[Path, Path]:
+    """``(config.yml, checkpoint)`` of the run ns-train wrote, or an error naming its log."""
+    run_dir = runs_dir / EXPERIMENT / method / TIMESTAMP
+    checkpoints = sorted((run_dir / "nerfstudio_models").glob("step-*.ckpt"))
+    if not (run_dir / "config.yml").is_file() or not checkpoints:
+        raise NerfstudioError(f"ns-train exited cleanly but wrote no config.yml + nerfstudio_models/step-*.ckpt in {run_dir}; its log: {log}")
+    return run_dir / "config.yml", checkpoints[-1]
+
+
+def dataparser_transform(run_dir: Path) -> tuple[np.ndarray, float]:
+    """nerfstudio's world → its coordinates: ``p_ns = scale * (T @ [p, 1])``. → T ``[3, 4]``, scale."""
+    path = run_dir / "dataparser_transforms.json"
+    if not path.is_file():
+        raise NerfstudioError(f"{path} is missing: cannot map nerfstudio's coordinates back to ours")
+    data = json.loads(path.read_text())
+    return np.asarray(data["transform"], np.float64).reshape(3, 4), float(data["scale"])
+
+
+def to_nerfstudio(points: np.ndarray, transform: np.ndarray, scale: float) -> np.ndarray:
+    """World ``[N, 3]`` → nerfstudio coordinates ``[N, 3]``."""
+    return scale * (points @ transform[:, :3].T + transform[:, 3])
+
+
+def from_nerfstudio(points: np.ndarray, transform: np.ndarray, scale: float) -> np.ndarray:
+    """nerfstudio coordinates ``[N, 3]`` → world ``[N, 3]`` (inverse of :func:`to_nerfstudio`)."""
+    return (points / scale - transform[:, 3]) @ np.linalg.inv(transform[:, :3]).T
+
+
+def train_nerfacto(
+    transforms: Path,
+    hull: Path,
+    out_dir: Path,
+    settings: dict[str, Any],
+    progress: Callable[[int, int, dict[str, float]], None] | None = None,
+) -> TrainReport:
+    """ns-train, ns-export and ns-eval on the masked capture; writes the mesh-backed field."""
+    s, ignored = split_settings(settings, NerfactoSettings)
+    bin_dir = nerfstudio_bin(s.env_path)  # before any work
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    logs = out_dir / "logs"
+    prepared = prepare_rgba_capture(transforms, out_dir / "data", s.holdout_every)
+    runs_dir, export_dir = out_dir / "runs", out_dir / "export"
+    for stale in (runs_dir, export_dir):  # a rerun starts from scratch
+        if stale.is_dir():
+            shutil.rmtree(stale)
+    (out_dir / "eval.json").unlink(missing_ok=True)
+
+    if progress is not None:
+        progress(0, s.max_num_iterations, {})
+    train_log = logs / "ns-train.log"
+    train_seconds = run_tool(ns_train_command(s, bin_dir, prepared.transforms, runs_dir), train_log, s.train_timeout_s, "train_timeout_s", bin_dir)
+    config, checkpoint = _trained_run(runs_dir, s.method, train_log)
+    if progress is not None:
+        progress(s.max_num_iterations, s.max_num_iterations, {})
+
+    transform, scale = dataparser_transform(config.parent)
+    box = padded_box(hull, s.aabb_padding)
+    corners = np.stack(np.meshgrid(*box.T, indexing="ij"), -1).reshape(-1, 3)
+    ns_corners = to_nerfstudio(corners, transform, scale)
+    ns_box = np.stack([ns_corners.min(0), ns_corners.max(0)])
+    export_log = logs / "ns-export.log"
+    export_seconds = run_tool(ns_export_command(s, bin_dir, config, export_dir, ns_box), export_log, s.export_timeout_s, "export_timeout_s", bin_dir)
+    mesh_path = export_dir / EXPORT_MESH[s.export_method]
+    if not mesh_path.is_file():
+        raise NerfstudioError(f"ns-export exited cleanly but wrote no {mesh_path.name} in {export_dir}; its log: {export_log}")
+    vertices, faces, colors = read_mesh(mesh_path)
+    write_mesh_field(out_dir, from_nerfstudio(vertices, transform, scale), faces, colors, box, s, {
+        "tool": f"ns-export {s.export_method}", "mesh": str(mesh_path), "checkpoint": str(checkpoint),
+    })
+
+    results = None
+    if s.run_eval and prepared.holdout_ids:
+        run_tool(ns_eval_command(bin_dir, config, out_dir / "eval.json"), logs / "ns-eval.log", s.eval_timeout_s, "eval_timeout_s", bin_dir)
+        results = json.loads((out_dir / "eval.json").read_text()).get("results")
+    return TrainReport(
+        steps=s.max_num_iterations,
+        seconds=train_seconds,
+        # Largest finished child's RSS: ns-train's host memory (GPU memory is not visible from here).
+        peak_memory_mb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0,
+        device="cuda (nerfstudio)",
+        extra={
+            "psnr_holdout_object": None,  # needs renders of the held-out views, which only nerfstudio can make
+            "psnr_holdout_nerfstudio": (results or {}).get("psnr"),
+            "nerfstudio_eval": results,
+            "peak_memory_kind": "host RSS of the largest nerfstudio process",
+            "holdout_frames": len(prepared.holdout_ids),
+            "train_frames": len(prepared.train_ids),
+            "export_seconds": export_seconds,
+            "export_method": s.export_method,
+            "mesh_vertices": int(len(vertices)),
+            "mesh_faces": int(len(faces)),
+            "mesh_vertex_colors": colors is not None,
+            "aabb": box.tolist(),
+            "config": str(config),
+            "checkpoint": str(checkpoint),
+            "textured_obj": str(export_dir / "mesh.obj") if (export_dir / "mesh.obj").is_file() else None,
+            "logs": str(logs),
+            "reused_rgba_frames": prepared.reused_rgba,
+            "ignored_settings": ignored,
+        },
+    )
+
+
+@register_backend("nerfacto")
+class NerfactoBackend:
+    """``get_backend("nerfacto")``: trains with nerfstudio's CLI, loads as a mesh-backed field."""
+
+    name = "nerfacto"
+    settings_type = NerfactoSettings
+
+    def validate_settings(self, settings: dict[str, Any]) -> None:
+        split_settings(settings, NerfactoSettings)
+
+    def train(
+        self,
+        transforms: Path,
+        hull: Path,
+        out_dir: Path,
+        settings: dict[str, Any],
+        progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    ) -> TrainReport:
+        return train_nerfacto(transforms, hull, out_dir, settings, progress)
+
+    def load(self, out_dir: Path, device: str | torch.device = "cpu") -> MeshField:
+        return load_mesh_field(out_dir, self.name, device)

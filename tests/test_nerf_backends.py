@@ -1,0 +1,395 @@
+"""The instant_ngp (pyngp) and nerfacto (nerfstudio CLI) backends, without a GPU, pyngp or nerfstudio.
+
+What these tests prove and what they cannot:
+- the error texts when pyngp / the nerfstudio environment are missing, and that nothing is written then;
+- the RGBA capture both tools get (mask as alpha, our frame order, our held-out frames);
+- instant_ngp's wiring against ``FakePyngp``, a STAND-IN for pyngp written here: it records the
+  calls scripts/run.py makes, places a known sphere mesh in instant-ngp's coordinates with the
+  transform documented in its nerf_loader (``cycle(p * scale + offset)``), and renders held-out
+  views of that sphere. So the backend's coordinate inversion, held-out evaluation and mesh-backed
+  field are checked; instant-ngp's own training and output are not;
+- nerfacto's exact command lines, timeouts (the whole process group is killed) and failures, and an
+  end-to-end run against STAND-IN ``ns-train`` / ``ns-export`` / ``ns-eval`` scripts that write
+  nerfstudio 1.1.5's output layout (runs/<exp>/<method>/<timestamp>/config.yml,
+  nerfstudio_models/step-*.ckpt, dataparser_transforms.json; export/poisson_mesh.ply, mesh.obj,
+  material_0.*; ns-eval's json). They use a NON-identity dataparser transform on purpose, so the
+  inverse mapping back to our world is exercised.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from tests.analytic_field import AnalyticField, SphereSpec, look_at, quadrant_color
+from flows.config import compose_config
+from tasks import mesh_geometry as geo
+from tasks.mesh_texture import linear_to_srgb
+from tasks.nerf.base import get_backend
+from tasks.nerf.external import prepare_rgba_capture
+from tasks.nerf.instant_ngp import PyngpMissingError, ngp_to_world
+from tasks.nerf.mesh_field import MeshField, inside_mesh_grid
+from tasks.nerf.nerfacto import NerfactoSettings, NerfstudioError, from_nerfstudio, ns_export_command, ns_train_command, to_nerfstudio
+from tasks.train import train_field, validate_nerf_settings
+from tasks.types import MaskSet
+
+REPO = Path(__file__).resolve().parent.parent
+SPEC = SphereSpec()  # sphere of radius 0.5 at (0.1, -0.05, 0.2): off-centre, so a wrong axis order shows
+SIZE, VIEWS, HOLDOUT_EVERY = 48, 10, 4
+SPHERE_BOX = np.array([np.array(SPEC.centre) - SPEC.radius, np.array(SPEC.centre) + SPEC.radius])
+ELLIPSOID_RADII = np.array([0.45, 0.3, 0.2])
+ELLIPSOID_BOX = np.array([np.array(SPEC.centre) - ELLIPSOID_RADII, np.array(SPEC.centre) + ELLIPSOID_RADII])
+
+
+def camera(k: int) -> tuple[np.ndarray, list[float]]:
+    azimuth = 2 * math.pi * k / VIEWS
+    eye = np.array([3.0 * math.cos(azimuth), 3.0 * math.sin(azimuth), 1.0 + 0.3 * (k % 3)])
+    return look_at(eye, np.zeros(3)), [SIZE * 1.2, SIZE * 1.2, SIZE / 2, SIZE / 2]
+
+
+@pytest.fixture(scope="module")
+def masks(tmp_path_factory) -> MaskSet:
+    """A segment-stage-like folder: frames/ (lossless), seg/masks/, seg/rgba/ (for even frames only),
+    seg/transforms.json with mask_path, seg/hull.json (the sphere's box)."""
+    root = tmp_path_factory.mktemp("capture")
+    seg = root / "seg"
+    for folder in (root / "frames", seg / "masks", seg / "rgba"):
+        folder.mkdir(parents=True)
+    field, frames = AnalyticField(SPEC), []
+    for k in range(VIEWS):
+        c2w, intr = camera(k)
+        out = field.render(torch.tensor(c2w, dtype=torch.float32), torch.tensor(intr), SIZE, SIZE)
+        alpha = out["alpha"].numpy()[..., None]
+        image = np.round((out["rgb"].numpy() + (1 - alpha) * 0.5) * 255).astype(np.uint8)[..., ::-1]
+        mask = (alpha[..., 0] * 255).astype(np.uint8)
+        stem = f"{k:05d}_frame_{k:03d}"
+        cv2.imwrite(str(root / "frames" / f"frame_{k:03d}.png"), image)
+        cv2.imwrite(str(seg / "masks" / f"{stem}.png"), mask)
+        if k % 2 == 0:
+            cv2.imwrite(str(seg / "rgba" / f"{stem}.png"), np.dstack([image, mask]))
+        frames.append({"file_path": f"../frames/frame_{k:03d}.png", "mask_path": f"masks/{stem}.png", "transform_matrix": c2w.tolist()})
+    camera_keys = {"camera_model": "OPENCV", "fl_x": SIZE * 1.2, "fl_y": SIZE * 1.2, "cx": SIZE / 2, "cy": SIZE / 2, "w": SIZE, "h": SIZE}
+    frames.reverse()  # the backends sort by file_path themselves
+    (seg / "transforms.json").write_text(json.dumps({**camera_keys, "korokoro": {"note": "provenance"}, "frames": frames}))
+    (seg / "hull.json").write_text(json.dumps({"aabb": SPHERE_BOX.tolist()}))
+    return MaskSet(dir=seg, transforms=seg / "transforms.json", hull=seg / "hull.json",
+                   contact_sheet=seg / "hull.json", stats=seg / "hull.json", fingerprint="test")
+
+
+def nerf_settings(*overrides: str) -> dict:
+    """The composed nerf group, as the flow hands it to the train stage (default profile=cpu)."""
+    return compose_config(list(overrides))["nerf"]
+
+
+# --- shared: settings and the RGBA capture ----------------------------------------------------
+
+
+def test_backends_compose_with_every_profile_and_reject_typos():
+    for overrides in (["nerf=instant_ngp"], ["nerf=instant_ngp", "profile=gpu"], ["nerf=nerfacto"], ["nerf=nerfacto", "profile=gpu"]):
+        assert validate_nerf_settings(nerf_settings(*overrides)) == overrides[0].split("=")[1]
+    with pytest.raises(ValueError, match=r"'n_stepz' \(did you mean 'n_steps'\?\)"):
+        validate_nerf_settings(nerf_settings("nerf=instant_ngp", "+nerf.n_stepz=3"))
+    with pytest.raises(ValueError, match="nerf.export_method='marching'"):
+        validate_nerf_settings(nerf_settings("nerf=nerfacto", "nerf.export_method=marching"))
+
+
+def test_rgba_capture_keeps_our_frame_order_holdout_and_masks_as_alpha(masks, tmp_path):
+    prepared = prepare_rgba_capture(masks.transforms, tmp_path / "data", HOLDOUT_EVERY)
+    assert prepared.reused_rgba == VIEWS // 2  # the segment stage's cut-outs for even frames, composed for odd
+    assert prepared.holdout_ids == (0, 4, 8) and prepared.train_ids == (1, 2, 3, 5, 6, 7, 9)
+    written = json.loads(prepared.transforms.read_text())
+    assert "korokoro" not in written and written["fl_x"] == SIZE * 1.2 and written["camera_model"] == "OPENCV"
+    for k, frame in enumerate(written["frames"]):
+        assert frame["file_path"] == f"images/{k:05d}.png" and "mask_path" not in frame
+        assert np.allclose(frame["transform_matrix"], camera(k)[0])  # sorted back into frame order
+        rgba = cv2.imread(str(prepared.data_dir / frame["file_path"]), cv2.IMREAD_UNCHANGED)
+        source, mask = (cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in prepared.sources[k])
+        assert rgba.shape == (SIZE, SIZE, 4)
+        assert np.array_equal(rgba[..., 3], mask) and np.array_equal(rgba[..., :3], source)
+
+
+# --- instant_ngp ------------------------------------------------------------------------------
+
+
+def test_missing_pyngp_says_not_on_pypi_how_to_build_and_the_licence(masks, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyngp", None)  # `import pyngp` raises ImportError
+    with pytest.raises(PyngpMissingError) as err:
+        train_field(masks, tmp_path / "train", nerf_settings("nerf=instant_ngp"), "fp")
+    text = str(err.value)
+    for needed in ("not on PyPI", "infra/Dockerfile", "--target gpu-ngp", "NVlabs/instant-ngp", "PYTHONPATH",
+                   "non-commercial", "License-NC", "nerf=ngp"):
+        assert needed in text, needed
+    assert not (tmp_path / "train" / "data").exists()  # failed before any work
+
+
+class FakeTestbed:
+    """Stand-in for ``pyngp.Testbed``: records calls, trains nothing, knows one sphere."""
+
+    def __init__(self, calls: list, mode: str) -> None:
+        self.calls = calls
+        calls.append(("Testbed", mode))
+        self.nerf = types.SimpleNamespace(training=types.SimpleNamespace(random_bg_color=None, near_distance=None))
+        self.shall_train, self.training_step, self.view, self.dataset = False, 0, None, None
+
+    @property
+    def loss(self) -> float:
+        return 1.0 / (1 + self.training_step)
+
+    def load_training_data(self, path: str) -> None:
+        data = json.loads(Path(path).read_text())
+        frames = sorted(data["frames"], key=lambda f: f["file_path"])  # instant-ngp sorts by file_path
+        channels = {cv2.imread(str(Path(path).parent / f["file_path"]), cv2.IMREAD_UNCHANGED).shape[2] for f in frames}
+        self.dataset = {**data, "frames": frames, "scale": data.get("scale", 0.33), "offset": data.get("offset", [0.5] * 3)}
+        self.calls.append(("load_training_data", Path(path).name, len(frames), channels, data.get("aabb_scale")))
+
+    def reload_network_from_file(self, path: str = "") -> None:
+        self.calls.append(("reload_network_from_file", path))
+
+    def frame(self) -> bool:
+        self.training_step += int(self.shall_train)
+        return True
+
+    def save_snapshot(self, path: str, include_optimizer_state: bool = False) -> None:
+        Path(path).write_bytes(b"fake snapshot")
+        self.calls.append(("save_snapshot", Path(path).name, self.training_step))
+
+    def compute_marching_cubes_mesh(self, resolution, thresh, aabb=None) -> dict:
+        """An ellipsoid inside the sphere (its three radii tell the axes apart), placed where instant-ngp
+        would have it: ``cycle(p * scale + offset)``; colours linear."""
+        self.calls.append(("compute_marching_cubes_mesh", list(resolution), thresh))
+        sphere = trimesh.creation.icosphere(subdivisions=4, radius=1.0)
+        world = sphere.vertices * ELLIPSOID_RADII + np.array(SPEC.centre)
+        placed = world * self.dataset["scale"] + np.array(self.dataset["offset"])
+        ngp = placed[:, [1, 2, 0]]  # (x, y, z) → (y, z, x)
+        colors = quadrant_color(world, np.array(SPEC.centre))
+        return {"V": ngp.astype(np.float32), "N": sphere.vertex_normals.astype(np.float32),
+                "C": colors.astype(np.float32), "F": sphere.faces.astype(np.int32)}
+
+    def set_camera_to_training_view(self, view: int) -> None:
+        self.view = view
+
+    def render(self, width: int, height: int, spp: int, linear: bool) -> np.ndarray:
+        frame = self.dataset["frames"][self.view]
+        d = self.dataset
+        out = AnalyticField(SPEC).render(torch.tensor(frame["transform_matrix"], dtype=torch.float32),
+                                         torch.tensor([d["fl_x"], d["fl_y"], d["cx"], d["cy"]]), width, height)
+        return np.dstack([out["rgb"].numpy(), out["alpha"].numpy()]).astype(np.float32)
+
+
+@pytest.fixture
+def fake_pyngp(monkeypatch) -> list:
+    calls: list = []
+    module = types.ModuleType("pyngp")
+    module.TestbedMode = types.SimpleNamespace(Nerf="Nerf")
+    module.Testbed = lambda mode: FakeTestbed(calls, mode)
+    monkeypatch.setitem(sys.modules, "pyngp", module)
+    return calls
+
+
+def test_instant_ngp_trains_through_pyngp_and_loads_as_a_mesh_field_in_our_world(masks, tmp_path, fake_pyngp):
+    settings = nerf_settings("nerf=instant_ngp", "nerf.n_steps=40", "nerf.log_every=10", f"nerf.holdout_every={HOLDOUT_EVERY}",
+                             "nerf.mesh_field_resolution=64", "nerf.eval_spp=1")
+    seen = []
+    trained = train_field(masks, tmp_path / "train", settings, "fp", progress=lambda step, total, logs: seen.append((step, total)))
+    out = tmp_path / "train"
+    names = [c[0] for c in fake_pyngp]
+    assert names == ["Testbed", "load_training_data", "reload_network_from_file", "save_snapshot",
+                     "compute_marching_cubes_mesh", "load_training_data"]
+    _, train_json, n_train, channels, aabb_scale = fake_pyngp[1]
+    assert (train_json, n_train, channels, aabb_scale) == ("transforms_train.json", 7, {4}, 1)
+    assert fake_pyngp[2] == ("reload_network_from_file", "")  # instant-ngp's default network
+    assert fake_pyngp[3] == ("save_snapshot", "snapshot.msgpack", 40) and (out / "snapshot.msgpack").is_file()
+    assert fake_pyngp[4] == ("compute_marching_cubes_mesh", [256, 256, 256], 2.5)
+    assert fake_pyngp[5][1:3] == ("transforms_holdout.json", 3)
+    assert seen[-1] == (40, 40) and len(seen) >= 4
+
+    metrics = json.loads(trained.metrics.read_text())
+    extra = metrics["extra"]
+    assert metrics["backend"] == "instant_ngp" and metrics["steps"] == 40
+    # The stand-in renders the exact sphere the frames show: only 8-bit rounding separates them, so a
+    # high PSNR means every held-out view was rendered from its own camera, compared to its own frame.
+    assert extra["holdout_frames"] == 3 and extra["psnr_holdout_object"] > 40 and extra["mask_iou_holdout"] > 0.97
+    assert extra["ignored_settings"]["steps"] == 2000  # profile=cpu's ngp keys, ignored and reported
+    assert len(list(out.glob("preview_*.png"))) == 3
+
+    field = get_backend("instant_ngp").load(out)
+    ply = trimesh.load(out / "field_mesh.ply", process=False)
+    assert np.allclose(ply.vertices.min(0), ELLIPSOID_BOX[0], atol=0.01) and np.allclose(ply.vertices.max(0), ELLIPSOID_BOX[1], atol=0.01)
+    # The mesh stage's own density sampling and marching cubes find the ellipsoid in our world.
+    box = field.aabb.numpy().astype(np.float64)
+    grid = geo.sample_density_grid(field, box, 48, 65536, "cpu")
+    vertices, _ = geo.grid_to_mesh(grid, box, 20.0)
+    voxel = float((box[1] - box[0]).max()) / 47
+    assert np.allclose(vertices.min(0), ELLIPSOID_BOX[0], atol=2 * voxel) and np.allclose(vertices.max(0), ELLIPSOID_BOX[1], atol=2 * voxel)
+    # Colours: instant-ngp's linear vertex colours, turned to sRGB (the RadianceField protocol).
+    point = torch.tensor([[SPEC.centre[0] + 0.3, SPEC.centre[1], SPEC.centre[2] + 0.12]])
+    expected = linear_to_srgb(quadrant_color(point.numpy().astype(np.float64), np.array(SPEC.centre)))
+    assert np.allclose(field.color(point, torch.tensor([[0.0, 0.0, -1.0]])).numpy(), expected, atol=0.01)
+
+
+def test_ngp_to_world_inverts_instant_ngps_placement():
+    rng = np.random.default_rng(0)
+    world, scale, offset = rng.normal(size=(20, 3)), 0.37, [0.2, 0.55, 0.61]
+    ngp = (world * scale + np.array(offset))[:, [1, 2, 0]]
+    assert np.allclose(ngp_to_world(ngp, scale, offset), world)
+
+
+# --- the mesh-backed field --------------------------------------------------------------------
+
+
+def test_mesh_field_density_colour_and_render_follow_the_mesh():
+    sphere = trimesh.creation.icosphere(subdivisions=4, radius=0.4)
+    box = np.array([[-0.5, -0.5, -0.5], [0.5, 0.5, 0.5]])
+    inside = inside_mesh_grid(sphere.vertices, sphere.faces, box, 50)
+    assert abs(inside.mean() - 4 / 3 * math.pi * 0.4**3) < 0.01  # the ball's volume fraction of the box
+    open_mesh = trimesh.Trimesh(sphere.vertices, sphere.faces[10:], process=False)  # a few holes
+    assert (inside_mesh_grid(open_mesh.vertices, open_mesh.faces, box, 50) != inside).mean() < 0.002
+    colors = (sphere.vertices[:, 2:3] > 0) * np.array([[0.9, 0.1, 0.1]]) + (sphere.vertices[:, 2:3] <= 0) * np.array([[0.1, 0.1, 0.9]])
+    field = MeshField(sphere.vertices, sphere.faces, colors, box, 64, 1000.0, 128)
+    density = field.density(torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.45], [0.0, 0.0, 0.9]])).numpy()
+    assert density[0] == pytest.approx(1000.0) and density[1] == 0 and density[2] == 0
+    top = field.color(torch.tensor([[0.0, 0.05, 0.41]]), torch.tensor([[0.0, 0.0, -1.0]])).numpy()[0]
+    assert np.allclose(top, [0.9, 0.1, 0.1], atol=1e-6)
+    c2w = look_at(np.array([0.0, -2.0, 0.0]), np.zeros(3))
+    view = field.render(torch.tensor(c2w, dtype=torch.float32), torch.tensor([40.0, 40.0, 16.0, 16.0]), 32, 32)
+    v, u = np.mgrid[0:32, 0:32] + 0.5
+    disc = np.hypot(u - 16, v - 16) < 40 * 0.4 / math.sqrt(2.0**2 - 0.4**2)  # the ball's silhouette
+    assert ((view["alpha"].numpy() > 0.5) == disc).mean() > 0.97
+    rgb = view["rgb"].numpy()
+    assert rgb[10:14, 14:18, 0].min() > 0.8 and rgb[18:22, 14:18, 2].min() > 0.8  # red top (+z), blue bottom
+
+
+# --- nerfacto ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def ns_env(tmp_path) -> Path:
+    """A fake nerfstudio environment: bin/ns-train, bin/ns-export, bin/ns-eval (this Python)."""
+    bin_dir = tmp_path / "ns-env" / "bin"
+    bin_dir.mkdir(parents=True)
+    standin = (Path(__file__).parent / "nerfstudio_standin.py").read_text()
+    for tool in ("ns-train", "ns-export", "ns-eval"):
+        script = bin_dir / tool
+        script.write_text(f"#!{sys.executable}\n" + standin)
+        script.chmod(0o755)
+    return bin_dir
+
+
+def calls(bin_dir: Path) -> list[list[str]]:
+    return [json.loads(line) for line in (bin_dir / "calls.jsonl").read_text().splitlines()]
+
+
+def test_nerfacto_command_lines_are_exact():
+    s = NerfactoSettings(env_path="/env/bin", max_num_iterations=5000, train_num_rays_per_batch=8192, seed=7,
+                         extra_train_args="--pipeline.model.predict-normals True", holdout_every=8)
+    assert ns_train_command(s, Path("/env/bin"), Path("/ck/data/transforms.json"), Path("/ck/runs")) == [
+        "/env/bin/ns-train", "nerfacto", "--output-dir", "/ck/runs", "--experiment-name", "korokoro", "--timestamp", "train",
+        "--max-num-iterations", "5000", "--save-only-latest-checkpoint", "True", "--vis", "tensorboard",
+        "--machine.seed", "7", "--pipeline.datamanager.train-num-rays-per-batch", "8192",
+        "--pipeline.model.background-color", "random", "--pipeline.model.disable-scene-contraction", "False",
+        "--pipeline.model.implementation", "tcnn", "--pipeline.model.predict-normals", "True",
+        "nerfstudio-data", "--data", "/ck/data/transforms.json", "--downscale-factor", "1", "--orientation-method", "none",
+        "--center-method", "none", "--auto-scale-poses", "False", "--scene-scale", "1.0", "--eval-mode", "interval",
+        "--eval-interval", "8",
+    ]
+    box = np.array([[-0.5, -0.25, 0.0], [0.5, 0.25, 0.75]])
+    assert ns_export_command(s, Path("/env/bin"), Path("/ck/config.yml"), Path("/ck/export"), box) == [
+        "/env/bin/ns-export", "poisson", "--load-config", "/ck/config.yml", "--output-dir", "/ck/export",
+        "--use-bounding-box", "True", "--bounding-box-min", "-0.5", "-0.25", "0", "--bounding-box-max", "0.5", "0.25", "0.75",
+        "--target-num-faces", "50000", "--num-pixels-per-side", "2048",
+        "--num-points", "1000000", "--remove-outliers", "True", "--normal-method", "open3d",
+    ]
+    tsdf = NerfactoSettings(export_method="tsdf", tsdf_resolution=192)
+    assert ns_export_command(tsdf, Path("/b"), Path("/c.yml"), Path("/e"), box)[1:2] + ns_export_command(tsdf, Path("/b"), Path("/c.yml"), Path("/e"), box)[-2:] == ["tsdf", "--resolution", "192"]
+
+
+@pytest.mark.parametrize("env_path", ["", "missing-folder"])
+def test_nerfacto_without_its_environment_names_the_setting_and_the_script(masks, tmp_path, env_path):
+    settings = nerf_settings("nerf=nerfacto", f"nerf.env_path={env_path and str(tmp_path / env_path)}")
+    with pytest.raises(NerfstudioError) as err:
+        train_field(masks, tmp_path / "train", settings, "fp")
+    assert "nerf.env_path" in str(err.value) and "infra/nerfstudio/setup_env.sh" in str(err.value)
+    assert not (tmp_path / "train" / "data").exists()
+
+
+def test_nerfacto_end_to_end_against_stand_in_tools(masks, tmp_path, ns_env):
+    settings = nerf_settings("nerf=nerfacto", f"nerf.env_path={ns_env.parent}", "nerf.max_num_iterations=30",
+                             f"nerf.holdout_every={HOLDOUT_EVERY}", "nerf.mesh_field_resolution=64")
+    trained = train_field(masks, tmp_path / "train", settings, "fp")
+    out = tmp_path / "train"
+    train_argv, export_argv, eval_argv = calls(ns_env)
+    assert train_argv[:2] == ["nerfacto", "--output-dir"] and train_argv[train_argv.index("--eval-interval") + 1] == str(HOLDOUT_EVERY)
+    assert export_argv[:3] == ["poisson", "--load-config", str(out / "runs/korokoro/nerfacto/train/config.yml")]
+    assert eval_argv == ["--load-config", str(out / "runs/korokoro/nerfacto/train/config.yml"), "--output-path", str(out / "eval.json")]
+    # The export box is our padded hull box carried into nerfstudio's coordinates.
+    transform = np.array([[0.0, -1.0, 0.0, 0.1], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, -0.2]])
+    metrics = json.loads(trained.metrics.read_text())
+    box = np.array(metrics["extra"]["aabb"])
+    corners = to_nerfstudio(np.stack(np.meshgrid(*box.T, indexing="ij"), -1).reshape(-1, 3), transform, 0.8)
+    i = export_argv.index("--bounding-box-min")
+    assert np.allclose([float(v) for v in export_argv[i + 1:i + 4]], corners.min(0), atol=1e-5)
+    assert np.allclose(from_nerfstudio(corners, transform, 0.8), np.stack(np.meshgrid(*box.T, indexing="ij"), -1).reshape(-1, 3))
+
+    extra = metrics["extra"]
+    assert metrics["backend"] == "nerfacto" and metrics["steps"] == 30
+    assert extra["psnr_holdout_nerfstudio"] == 31.5 and extra["nerfstudio_eval"]["ssim"] == 0.95
+    assert extra["psnr_holdout_object"] is None and extra["holdout_frames"] == 3 and extra["train_frames"] == 7
+    assert extra["checkpoint"].endswith("nerfstudio_models/step-000000029.ckpt") and extra["textured_obj"].endswith("export/mesh.obj")
+    assert {p.name for p in (out / "logs").iterdir()} == {"ns-train.log", "ns-export.log", "ns-eval.log"}
+    assert (out / "logs/ns-train.log").read_text().startswith(f"$ {ns_env / 'ns-train'} nerfacto")
+
+    field = get_backend("nerfacto").load(out)
+    ply = trimesh.load(out / "field_mesh.ply", process=False)  # back in our world, despite the transform
+    assert np.allclose(ply.vertices.min(0), SPHERE_BOX[0], atol=0.01) and np.allclose(ply.vertices.max(0), SPHERE_BOX[1], atol=0.01)
+    assert field.density(torch.tensor([list(SPEC.centre)])).item() == pytest.approx(1000.0)
+    assert np.allclose(field.color(torch.tensor([[0.1, -0.05, 0.7]]), torch.zeros(1, 3)).numpy(), [[200 / 255, 30 / 255, 30 / 255]])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def test_nerfacto_timeout_stops_the_tool_and_its_children(masks, tmp_path, ns_env, monkeypatch):
+    monkeypatch.setenv("FAKE_NS_MODE", "hang")
+    settings = nerf_settings("nerf=nerfacto", f"nerf.env_path={ns_env}", "nerf.train_timeout_s=3")
+    started = time.monotonic()
+    with pytest.raises(NerfstudioError, match=r"ns-train ran past nerf.train_timeout_s=3 s and was stopped; its log: .*ns-train.log"):
+        train_field(masks, tmp_path / "train", settings, "fp")
+    assert time.monotonic() - started < 30
+    grandchild = int((ns_env / "grandchild.pid").read_text())
+    deadline = time.monotonic() + 5
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(grandchild)
+    assert "training..." in (tmp_path / "train/logs/ns-train.log").read_text()
+
+
+def test_nerfacto_failure_quotes_the_end_of_the_log(masks, tmp_path, ns_env, monkeypatch):
+    monkeypatch.setenv("FAKE_NS_MODE", "fail")
+    settings = nerf_settings("nerf=nerfacto", f"nerf.env_path={ns_env}")
+    with pytest.raises(NerfstudioError, match=r"(?s)ns-train failed with exit status 3.*no kernel image is available"):
+        train_field(masks, tmp_path / "train", settings, "fp")
+
+
+def test_setup_env_script_prints_the_override(tmp_path):
+    result = subprocess.run(["bash", str(REPO / "infra/nerfstudio/setup_env.sh"), str(tmp_path / "env")],
+                            env={**os.environ, "DRY_RUN": "1"}, capture_output=True, text=True, check=True)
+    lines = result.stdout.splitlines()
+    assert f"+ python3 -m venv {tmp_path / 'env'}" in lines
+    assert any("nerfstudio==1.1.5" in line for line in lines) and any("torch==2.1.2" in line for line in lines)
+    assert lines[-1] == f"nerf=nerfacto nerf.env_path={tmp_path / 'env'}/bin"
