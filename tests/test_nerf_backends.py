@@ -3,17 +3,18 @@
 What these tests prove and what they cannot:
 - the error texts when pyngp / the nerfstudio environment are missing, and that nothing is written then;
 - the RGBA capture both tools get (mask as alpha, our frame order, our held-out frames);
-- instant_ngp's wiring against ``FakePyngp``, a STAND-IN for pyngp written here: it records the
-  calls scripts/run.py makes, places a known sphere mesh in instant-ngp's coordinates with the
+- instant_ngp's wiring against a STAND-IN pyngp (tests/pyngp_standin.py): it records the calls
+  scripts/run.py makes, places a known ellipsoid mesh in instant-ngp's coordinates with the
   transform documented in its nerf_loader (``cycle(p * scale + offset)``), and renders held-out
-  views of that sphere. So the backend's coordinate inversion, held-out evaluation and mesh-backed
-  field are checked; instant-ngp's own training and output are not;
+  views of the captured sphere. So the backend's coordinate inversion, held-out evaluation and
+  mesh-backed field are checked; instant-ngp's own training and output are not;
 - nerfacto's exact command lines, timeouts (the whole process group is killed) and failures, and an
   end-to-end run against STAND-IN ``ns-train`` / ``ns-export`` / ``ns-eval`` scripts that write
   nerfstudio 1.1.5's output layout (runs/<exp>/<method>/<timestamp>/config.yml,
   nerfstudio_models/step-*.ckpt, dataparser_transforms.json; export/poisson_mesh.ply, mesh.obj,
-  material_0.*; ns-eval's json). They use a NON-identity dataparser transform on purpose, so the
-  inverse mapping back to our world is exercised.
+  material_0.*; ns-eval's json; tests/nerfstudio_standin.py). They use a NON-identity dataparser
+  transform on purpose, so the inverse mapping back to our world is exercised;
+- that the mesh stage (tasks/mesh.py) turns such a mesh-backed field into a model of the right size.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import os
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import cv2
@@ -34,8 +34,10 @@ import torch
 import trimesh
 
 from tests.analytic_field import AnalyticField, SphereSpec, look_at, quadrant_color
+from tests.pyngp_standin import fake_pyngp_module
 from flows.config import compose_config
 from tasks import mesh_geometry as geo
+from tasks.mesh import MeshSettings, extract_mesh
 from tasks.mesh_texture import linear_to_srgb
 from tasks.nerf.base import get_backend
 from tasks.nerf.external import prepare_rgba_capture
@@ -134,67 +136,10 @@ def test_missing_pyngp_says_not_on_pypi_how_to_build_and_the_licence(masks, tmp_
     assert not (tmp_path / "train" / "data").exists()  # failed before any work
 
 
-class FakeTestbed:
-    """Stand-in for ``pyngp.Testbed``: records calls, trains nothing, knows one sphere."""
-
-    def __init__(self, calls: list, mode: str) -> None:
-        self.calls = calls
-        calls.append(("Testbed", mode))
-        self.nerf = types.SimpleNamespace(training=types.SimpleNamespace(random_bg_color=None, near_distance=None))
-        self.shall_train, self.training_step, self.view, self.dataset = False, 0, None, None
-
-    @property
-    def loss(self) -> float:
-        return 1.0 / (1 + self.training_step)
-
-    def load_training_data(self, path: str) -> None:
-        data = json.loads(Path(path).read_text())
-        frames = sorted(data["frames"], key=lambda f: f["file_path"])  # instant-ngp sorts by file_path
-        channels = {cv2.imread(str(Path(path).parent / f["file_path"]), cv2.IMREAD_UNCHANGED).shape[2] for f in frames}
-        self.dataset = {**data, "frames": frames, "scale": data.get("scale", 0.33), "offset": data.get("offset", [0.5] * 3)}
-        self.calls.append(("load_training_data", Path(path).name, len(frames), channels, data.get("aabb_scale")))
-
-    def reload_network_from_file(self, path: str = "") -> None:
-        self.calls.append(("reload_network_from_file", path))
-
-    def frame(self) -> bool:
-        self.training_step += int(self.shall_train)
-        return True
-
-    def save_snapshot(self, path: str, include_optimizer_state: bool = False) -> None:
-        Path(path).write_bytes(b"fake snapshot")
-        self.calls.append(("save_snapshot", Path(path).name, self.training_step))
-
-    def compute_marching_cubes_mesh(self, resolution, thresh, aabb=None) -> dict:
-        """An ellipsoid inside the sphere (its three radii tell the axes apart), placed where instant-ngp
-        would have it: ``cycle(p * scale + offset)``; colours linear."""
-        self.calls.append(("compute_marching_cubes_mesh", list(resolution), thresh))
-        sphere = trimesh.creation.icosphere(subdivisions=4, radius=1.0)
-        world = sphere.vertices * ELLIPSOID_RADII + np.array(SPEC.centre)
-        placed = world * self.dataset["scale"] + np.array(self.dataset["offset"])
-        ngp = placed[:, [1, 2, 0]]  # (x, y, z) → (y, z, x)
-        colors = quadrant_color(world, np.array(SPEC.centre))
-        return {"V": ngp.astype(np.float32), "N": sphere.vertex_normals.astype(np.float32),
-                "C": colors.astype(np.float32), "F": sphere.faces.astype(np.int32)}
-
-    def set_camera_to_training_view(self, view: int) -> None:
-        self.view = view
-
-    def render(self, width: int, height: int, spp: int, linear: bool) -> np.ndarray:
-        frame = self.dataset["frames"][self.view]
-        d = self.dataset
-        out = AnalyticField(SPEC).render(torch.tensor(frame["transform_matrix"], dtype=torch.float32),
-                                         torch.tensor([d["fl_x"], d["fl_y"], d["cx"], d["cy"]]), width, height)
-        return np.dstack([out["rgb"].numpy(), out["alpha"].numpy()]).astype(np.float32)
-
-
 @pytest.fixture
 def fake_pyngp(monkeypatch) -> list:
     calls: list = []
-    module = types.ModuleType("pyngp")
-    module.TestbedMode = types.SimpleNamespace(Nerf="Nerf")
-    module.Testbed = lambda mode: FakeTestbed(calls, mode)
-    monkeypatch.setitem(sys.modules, "pyngp", module)
+    monkeypatch.setitem(sys.modules, "pyngp", fake_pyngp_module(calls, SPEC, ELLIPSOID_RADII))
     return calls
 
 
@@ -354,6 +299,17 @@ def test_nerfacto_end_to_end_against_stand_in_tools(masks, tmp_path, ns_env):
     assert np.allclose(ply.vertices.min(0), SPHERE_BOX[0], atol=0.01) and np.allclose(ply.vertices.max(0), SPHERE_BOX[1], atol=0.01)
     assert field.density(torch.tensor([list(SPEC.centre)])).item() == pytest.approx(1000.0)
     assert np.allclose(field.color(torch.tensor([[0.1, -0.05, 0.7]]), torch.zeros(1, 3)).numpy(), [[200 / 255, 30 / 255, 30 / 255]])
+
+
+def test_mesh_stage_meshes_a_nerfacto_field(masks, tmp_path, ns_env):
+    settings = nerf_settings("nerf=nerfacto", f"nerf.env_path={ns_env}", "nerf.max_num_iterations=30", "nerf.mesh_field_resolution=96")
+    trained = train_field(masks, tmp_path / "train", settings, "fp")
+    mesh_settings = MeshSettings(grid_resolution=48, texture_size=0, max_triangles=4000, min_triangles=1000, iso_levels=(5.0, 85.0, 288.0))
+    asset = extract_mesh(trained, masks, tmp_path / "mesh", mesh_settings, "fp")
+    bbox = json.loads(asset.metrics.read_text())["bbox_world_zup"]
+    # The low iso-level the stage picks sits up to a voxel outside the mesh: 1.2 / 48 here.
+    assert np.allclose(bbox["min"], SPHERE_BOX[0], atol=0.03) and np.allclose(bbox["max"], SPHERE_BOX[1], atol=0.03)
+    assert asset.glb.stat().st_size > 0
 
 
 def _alive(pid: int) -> bool:

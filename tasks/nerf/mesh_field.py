@@ -9,10 +9,11 @@ colour, so those backends store their mesh here and :class:`MeshField` answers f
 - ``density(points)``: ``peak_density`` × the trilinearly interpolated inside/outside grid of the
   mesh (a voxel is inside when a ray through its centre crosses the mesh an odd number of times
   along at least two of the three axes, so a small hole in the mesh does not empty a column).
-  The surface sits where the grid crosses one half, within one voxel of the mesh; any iso-level
-  between a few and ``peak_density`` / 2 lands there, so the mesh stage's iso-level choice keeps
-  working. What it re-meshes is the exported mesh: its detail is capped by the tool's export
-  and by ``resolution``.
+  Marching cubes at iso-level L puts the surface between the last inside and the first outside
+  voxel centre, L / peak_density of the way from the outside one: any level up to
+  ``peak_density`` finds the product within one voxel of the mesh, outward at low levels (the mesh
+  stage picks the lowest level that fits the masks). What the mesh stage re-meshes is the exported
+  mesh: its detail is capped by the tool's export and by ``resolution``.
 - ``color(points, directions)``: the sRGB colour of the nearest mesh vertex (no view dependence).
 - ``render(...)``: volume rendering of that density and colour through the box.
 
