@@ -282,7 +282,8 @@ def extract_frames(video: VideoInput, out_dir: Path, settings: FrameSettings, fi
         raise BadVideoError(
             f"{path.name}: the camera hardly moved: only {len(records)} distinct views among {seen} picks, "
             f"fewer than the {settings.min_frames} needed (frames.duplicate_motion_px); "
-            "walk slowly all the way around the product while filming"
+            "walk slowly all the way around the product while filming. If you did, the views look alike "
+            "(a plain, round product on a plain surface): film it on a patterned cloth or newspaper"
         )
     if len(records) < settings.min_frames:
         raise BadVideoError(f"{path.name}: only {len(records)} frames could be saved; the file may be damaged")
