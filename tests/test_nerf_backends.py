@@ -143,7 +143,7 @@ def fake_pyngp(monkeypatch) -> list:
     return calls
 
 
-def test_instant_ngp_trains_through_pyngp_and_loads_as_a_mesh_field_in_our_world(masks, tmp_path, fake_pyngp):
+def test_instant_ngp_trains_through_pyngp_and_loads_as_a_mesh_field_in_our_world(masks, tmp_path, fake_pyngp, caplog):
     settings = nerf_settings("nerf=instant_ngp", "nerf.n_steps=40", "nerf.log_every=10", f"nerf.holdout_every={HOLDOUT_EVERY}",
                              "nerf.mesh_field_resolution=64", "nerf.eval_spp=1")
     seen = []
@@ -167,6 +167,7 @@ def test_instant_ngp_trains_through_pyngp_and_loads_as_a_mesh_field_in_our_world
     # high PSNR means every held-out view was rendered from its own camera, compared to its own frame.
     assert extra["holdout_frames"] == 3 and extra["psnr_holdout_object"] > 40 and extra["mask_iou_holdout"] > 0.97
     assert extra["ignored_settings"]["steps"] == 2000  # profile=cpu's ngp keys, ignored and reported
+    assert "nerf=instant_ngp ignores these settings of the ngp backend" in caplog.text and "rays_per_batch" in caplog.text
     assert len(list(out.glob("preview_*.png"))) == 3
 
     field = get_backend("instant_ngp").load(out)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from tasks.nerf.ngp import NgpSettings
 from tasks.nerf.settings import settings_from_dict
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # Keys of the default backend that profiles set; other backends accept and ignore them.
 NGP_KEYS = frozenset(f.name for f in dataclasses.fields(NgpSettings))
@@ -38,6 +40,13 @@ def split_settings(settings: dict[str, Any], cls: type[T]) -> tuple[T, dict[str,
     own = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     ignored = {k: v for k, v in settings.items() if k not in own and k in NGP_KEYS}
     return settings_from_dict({k: v for k, v in settings.items() if k not in ignored}, cls), ignored
+
+
+def warn_ignored(backend: str, ignored: dict[str, Any]) -> None:
+    """One log line naming the ngp keys a backend does not use (a profile's, or a habit's: nerf.steps)."""
+    if ignored:
+        log.warning("nerf=%s ignores these settings of the ngp backend (set by the profile or an override): %s; "
+                    "its own keys are in conf/nerf/%s.yaml", backend, ", ".join(sorted(ignored)), backend)
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from tasks.nerf.base import TrainReport, register_backend
-from tasks.nerf.external import PreparedCapture, padded_box, prepare_rgba_capture, split_settings, write_transforms
+from tasks.nerf.external import PreparedCapture, padded_box, prepare_rgba_capture, split_settings, warn_ignored, write_transforms
 from tasks.mesh_texture import linear_to_srgb
 from tasks.nerf.mesh_field import MeshField, MeshFieldOptions, load_mesh_field, write_mesh_field
 
@@ -194,6 +194,7 @@ def train_instant_ngp(
 ) -> TrainReport:
     """Train instant-ngp on the masked capture; write the snapshot, the mesh-backed field and previews."""
     s, ignored = split_settings(settings, InstantNgpSettings)
+    warn_ignored("instant_ngp", ignored)
     ngp = import_pyngp()  # before any work: no pyngp, no files written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from tasks.nerf.base import TrainReport, register_backend
-from tasks.nerf.external import padded_box, prepare_rgba_capture, split_settings
+from tasks.nerf.external import padded_box, prepare_rgba_capture, split_settings, warn_ignored
 from tasks.nerf.mesh_field import MeshField, MeshFieldOptions, load_mesh_field, read_mesh, write_mesh_field
 
 TOOLS = ("ns-train", "ns-export", "ns-eval")
@@ -238,6 +238,7 @@ def train_nerfacto(
 ) -> TrainReport:
     """ns-train, ns-export and ns-eval on the masked capture; writes the mesh-backed field."""
     s, ignored = split_settings(settings, NerfactoSettings)
+    warn_ignored("nerfacto", ignored)
     bin_dir = nerfstudio_bin(s.env_path)  # before any work
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
