@@ -19,6 +19,7 @@ What these tests prove and what they cannot:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -32,6 +33,7 @@ import numpy as np
 import pytest
 import torch
 import trimesh
+import yaml
 
 from tests.analytic_field import AnalyticField, SphereSpec, look_at, quadrant_color
 from tests.pyngp_standin import fake_pyngp_module
@@ -41,7 +43,7 @@ from tasks.mesh import MeshSettings, extract_mesh
 from tasks.mesh_texture import linear_to_srgb
 from tasks.nerf.base import get_backend
 from tasks.nerf.external import prepare_rgba_capture
-from tasks.nerf.instant_ngp import PyngpMissingError, ngp_to_world
+from tasks.nerf.instant_ngp import InstantNgpSettings, PyngpMissingError, ngp_to_world
 from tasks.nerf.mesh_field import MeshField, inside_mesh_grid
 from tasks.nerf.nerfacto import NerfactoSettings, NerfstudioError, from_nerfstudio, ns_export_command, ns_train_command, to_nerfstudio
 from tasks.train import train_field, validate_nerf_settings
@@ -96,6 +98,12 @@ def nerf_settings(*overrides: str) -> dict:
 
 
 # --- shared: settings and the RGBA capture ----------------------------------------------------
+
+
+def test_yaml_lists_every_setting_of_each_backend():
+    for name, cls in (("instant_ngp", InstantNgpSettings), ("nerfacto", NerfactoSettings)):
+        config = yaml.safe_load((REPO / f"conf/nerf/{name}.yaml").read_text())
+        assert set(config) == {f.name for f in dataclasses.fields(cls)} and cls(**config).backend == name
 
 
 def test_backends_compose_with_every_profile_and_reject_typos():
