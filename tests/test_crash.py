@@ -50,8 +50,8 @@ def _queue_worker(name: str, overrides: list[str], env: dict[str, str], logs: Pa
     return loopback.start(name, [str(BIN / "korokoro"), "queue", *overrides], {**env, "KOROKORO_WORKER": name}, logs)
 
 
-def _stage_states(report_json: Path) -> dict[str, str]:
-    return {s["stage"]: s["state"] for s in json.loads(report_json.read_text())["stages"]}
+def _stages(report_json: Path) -> dict[str, dict]:
+    return {s["stage"]: s for s in json.loads(report_json.read_text())["stages"]}
 
 
 def test_killed_worker_leaves_nothing_published_and_another_finishes(backend, tmp_path, monkeypatch) -> None:
@@ -101,7 +101,9 @@ def test_killed_worker_leaves_nothing_published_and_another_finishes(backend, tm
     fetched = fetch_model(store, UID, tmp_path / "fetched", 2)  # every part there, every sha256 right
     assert fetched.files and all(f.stat().st_size > 0 for f in fetched.files)
 
-    states = _stage_states(work / "report.json")
+    stages = _stages(work / "report.json")
+    states = {name: s["state"] for name, s in stages.items()}
     finished_before = ("ingest", "frames", "colmap", "detect", "segment")
     assert {s: states[s] for s in finished_before} == {s: "Cached" for s in finished_before}, states
-    assert states["train"] == "Completed" and (train_dir / "metrics.json").exists()
+    # Trained again, to the end (into A's folder, unless the training code changed in between).
+    assert states["train"] == "Completed" and (Path(stages["train"]["out_dir"]) / "metrics.json").exists()
