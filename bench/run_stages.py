@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from bench import quality
 from bench.records import load_records, save_records
+from bench.targets import check_targets, targets_markdown
 from flows.config import compose_config
 from tasks import colmap, detect, mesh, segment, shard, train
 from tasks.types import FrameSet, VideoInput
@@ -120,11 +121,14 @@ def run(
         "total_seconds": round(sum(r["seconds"] for r in rows), 2),
         "quality": figures,
     }
+    profile = next((o.split("=", 1)[1] for o in overrides if o.startswith("profile=")), "cpu")
+    result["targets"] = check_targets(result, profile)
     (out / "results.json").write_text(json.dumps(result, indent=1))
     lines = ["| stage | seconds | peak RSS MB | peak GPU MB |", "|---|---:|---:|---:|"]
     lines += [f"| {r['stage']} | {r['seconds']} | {r['peak_rss_mb']} | {r['peak_gpu_mb'] or '-'} |" for r in rows]
     lines += [f"| **total** | **{result['total_seconds']}** | | |", "", "| figure | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in figures.items()]
+    lines += ["", *targets_markdown(result["targets"])]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return result
