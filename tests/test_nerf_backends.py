@@ -262,6 +262,7 @@ def test_nerfacto_command_lines_are_exact():
         "/env/bin/ns-export", "poisson", "--load-config", "/ck/config.yml", "--output-dir", "/ck/export",
         "--use-bounding-box", "True", "--bounding-box-min", "-0.5", "-0.25", "0", "--bounding-box-max", "0.5", "0.25", "0.75",
         "--target-num-faces", "50000", "--num-pixels-per-side", "2048",
+        "--obb-center", "0", "0", "0.375", "--obb-rotation", "0", "0", "0", "--obb-scale", "1", "0.5", "0.75",
         "--num-points", "1000000", "--remove-outliers", "True", "--normal-method", "open3d",
     ]
     tsdf = NerfactoSettings(export_method="tsdf", tsdf_resolution=192)
@@ -358,3 +359,7 @@ def test_setup_env_script_prints_the_override(tmp_path):
     assert f"+ python3 -m venv {tmp_path / 'env'}" in lines
     assert any("nerfstudio==1.1.5" in line for line in lines) and any("torch==2.1.2" in line for line in lines)
     assert lines[-1] == f"nerf=nerfacto nerf.env_path={tmp_path / 'env'}/bin"
+    assert any("alexnet" in line for line in lines)  # LPIPS' backbone, fetched while there is internet
+    refused = subprocess.run(["bash", str(REPO / "infra/nerfstudio/setup_env.sh"), str(tmp_path / "env")],
+                             env={**os.environ, "DRY_RUN": "1", "TORCH_VERSION": "2.6.0"}, capture_output=True, text=True)
+    assert refused.returncode == 2 and "need torch < 2.6" in refused.stderr and "+ " not in refused.stdout

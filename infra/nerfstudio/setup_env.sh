@@ -13,6 +13,9 @@
 #                 the torch nerfstudio is installed against (default 2.1.2 / 0.16.2 from the cu118
 #                 index, nerfstudio's documented pair; CUDA 11.8 wheels run on newer drivers too).
 #                 For an H100 with a CUDA 12 toolkit: TORCH_VERSION=2.1.2 TORCH_INDEX=https://download.pytorch.org/whl/cu121
+#                 torch must stay below 2.6: nerfstudio 1.1.5 torch.load()s its checkpoints with the
+#                 old weights_only=False default; with torch 2.13 ns-train worked but ns-export failed
+#                 with "Weights only load failed" (tried on a CPU machine). The script refuses >= 2.6.
 #   WITH_TCNN=1   also build tiny-cuda-nn's torch bindings (needs nvcc of the SAME CUDA major as
 #                 torch, a C++ compiler and ~10 min). Without it nerfacto falls back to its torch
 #                 implementation (nerf.implementation=torch avoids the warning): slower, same outputs.
@@ -29,6 +32,11 @@ TORCHVISION_VERSION="${TORCHVISION_VERSION:-0.16.2}"
 TORCH_INDEX="${TORCH_INDEX:-https://download.pytorch.org/whl/cu118}"
 WITH_TCNN="${WITH_TCNN:-0}"
 DRY_RUN="${DRY_RUN:-0}"
+
+if [ "$(printf '%s\n' 2.6 "$TORCH_VERSION" | sort -V | head -n 1)" = "2.6" ]; then
+    echo "error: TORCH_VERSION=$TORCH_VERSION; nerfstudio 1.1.5's ns-export / ns-eval need torch < 2.6 (see the header)" >&2
+    exit 2
+fi
 
 run() {
     if [ "$DRY_RUN" = "1" ]; then
@@ -54,6 +62,12 @@ if [ "$WITH_TCNN" = "1" ]; then
     run "$ENV_DIR/bin/python" -m pip install ninja
     run "$ENV_DIR/bin/python" -m pip install --no-build-isolation "git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch"
 fi
+
+# nerfacto builds torchmetrics' LPIPS when it sets up, and LPIPS downloads torchvision's AlexNet
+# weights on first use: fetch them now, while there is internet. An offline worker needs this file
+# in ITS torch hub cache ($TORCH_HOME/hub/checkpoints, default ~/.cache/torch/hub/checkpoints),
+# or ns-train stops with "Name or service not known" before the first step (seen here).
+run "$ENV_DIR/bin/python" -c "import torchvision; torchvision.models.alexnet(weights='IMAGENET1K_V1')"
 
 if [ "$DRY_RUN" != "1" ]; then
     for tool in ns-train ns-export ns-eval; do
