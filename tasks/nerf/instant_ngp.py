@@ -11,9 +11,9 @@ Training (``train``):
   trains on the alpha with a random background colour (``random_bg_color``), so only the product
   is learned. Held-out frames (every ``holdout_every``-th) go to ``data/transforms_holdout.json``,
   the rest to ``data/transforms_train.json``.
-- Scale: our world is normalised (product near the origin, cameras at distance 2, +Z up), which
-  colmap2nerf's conventions (aabb_scale 32, cameras rescaled to distance ~4) do not assume.
-  instant-ngp maps a point ``p`` to ``cycle(p * scale + offset)`` with ``cycle(x, y, z) = (y, z, x)``
+- Scale: instant-ngp's defaults (scale 0.33, offset 0.5) expect colmap2nerf's scenes (cameras at
+  ~4 units, aabb_scale up to 128); our world is normalised instead (product near the origin,
+  cameras at distance 2, +Z up) and the masks say where the product is. instant-ngp maps a point ``p`` to ``cycle(p * scale + offset)`` with ``cycle(x, y, z) = (y, z, x)``
   (nerf_loader: nerf_matrix_to_ngp), and trains inside the unit cube when ``aabb_scale`` is 1. We
   write ``scale`` / ``offset`` so that the padded hull cube is exactly that unit cube.
 - ``testbed.frame()`` runs until ``training_step`` reaches ``n_steps`` (scripts/run.py's loop);
@@ -29,9 +29,10 @@ Training (``train``):
   and mask IoU are computed against the original frames and masks.
 
 What was run here: nothing of instant-ngp (no GPU, no pyngp on this machine). The tests drive this
-module against a stand-in ``pyngp`` (tests/test_nerf_backends.py) that implements the documented
+module against a stand-in ``pyngp`` (tests/pyngp_standin.py) that implements the documented
 coordinate transform and records calls; the API names come from instant-ngp's scripts/run.py and
-src/python_api.cu. Not verified: a real build, its timings, its PSNR, its mesh colours' space.
+src/python_api.cu. Not verified: a real build, its timings, its PSNR, whether 2.5 suits densities in
+our tighter unit cube, and its mesh colours' space (``mesh_colors``).
 """
 
 from __future__ import annotations
