@@ -19,12 +19,14 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import cv2
 import numpy as np
 
+from tasks.nerf.base import TrainReport
 from tasks.nerf.dataset import CaptureError, holdout_split, load_hull
+from tasks.nerf.mesh_field import MeshField, load_mesh_field
 from tasks.nerf.ngp import NgpSettings
 from tasks.nerf.settings import settings_from_dict
 
@@ -143,3 +145,33 @@ def padded_box(hull: Path, padding: float, cube: bool = False) -> np.ndarray:
     if cube:
         half = np.full(3, half.max())
     return np.stack([centre - half, centre + half])
+
+
+@dataclass(frozen=True)
+class MeshBackedBackend:
+    """A backend whose own tool trains and exports a mesh (``instant_ngp``, ``nerfacto``).
+
+    ``train_fn(transforms, hull, out_dir, settings, progress)`` runs the tool; :meth:`load` reads
+    what it exported as a :class:`~tasks.nerf.mesh_field.MeshField`, which needs neither the tool
+    nor a GPU.
+    """
+
+    name: str
+    settings_type: type
+    train_fn: Callable[..., TrainReport]
+
+    def validate_settings(self, settings: dict[str, Any]) -> None:
+        split_settings(settings, self.settings_type)
+
+    def train(
+        self,
+        transforms: Path,
+        hull: Path,
+        out_dir: Path,
+        settings: dict[str, Any],
+        progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    ) -> TrainReport:
+        return self.train_fn(transforms, hull, out_dir, settings, progress)
+
+    def load(self, out_dir: Path, device: Any = "cpu") -> MeshField:
+        return load_mesh_field(out_dir, self.name, device)

@@ -51,9 +51,11 @@ import numpy as np
 import torch
 
 from tasks.nerf.base import TrainReport, register_backend
-from tasks.nerf.external import PreparedCapture, padded_box, prepare_rgba_capture, split_settings, warn_ignored, write_transforms
+from tasks.nerf.external import (
+    MeshBackedBackend, PreparedCapture, padded_box, prepare_rgba_capture, split_settings, warn_ignored, write_transforms,
+)
 from tasks.mesh_texture import linear_to_srgb
-from tasks.nerf.mesh_field import MeshField, MeshFieldOptions, load_mesh_field, write_mesh_field
+from tasks.nerf.mesh_field import MeshFieldOptions, write_mesh_field
 
 SNAPSHOT = "snapshot.msgpack"
 
@@ -260,25 +262,5 @@ def train_instant_ngp(
     )
 
 
-@register_backend("instant_ngp")
-class InstantNgpBackend:
-    """``get_backend("instant_ngp")``: trains with pyngp, loads as a mesh-backed field (no pyngp needed)."""
-
-    name = "instant_ngp"
-    settings_type = InstantNgpSettings
-
-    def validate_settings(self, settings: dict[str, Any]) -> None:
-        split_settings(settings, InstantNgpSettings)
-
-    def train(
-        self,
-        transforms: Path,
-        hull: Path,
-        out_dir: Path,
-        settings: dict[str, Any],
-        progress: Callable[[int, int, dict[str, float]], None] | None = None,
-    ) -> TrainReport:
-        return train_instant_ngp(transforms, hull, out_dir, settings, progress)
-
-    def load(self, out_dir: Path, device: str | torch.device = "cpu") -> MeshField:
-        return load_mesh_field(out_dir, self.name, device)
+# Trains with its tool, loads as a mesh-backed field: ``get_backend("instant_ngp")``.
+register_backend("instant_ngp")(lambda: MeshBackedBackend("instant_ngp", InstantNgpSettings, train_instant_ngp))

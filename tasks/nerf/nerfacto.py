@@ -58,11 +58,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from tasks.nerf.base import TrainReport, register_backend
-from tasks.nerf.external import padded_box, prepare_rgba_capture, split_settings, warn_ignored
-from tasks.nerf.mesh_field import MeshField, MeshFieldOptions, load_mesh_field, read_mesh, write_mesh_field
+from tasks.nerf.external import MeshBackedBackend, padded_box, prepare_rgba_capture, split_settings, warn_ignored
+from tasks.nerf.mesh_field import MeshFieldOptions, read_mesh, write_mesh_field
 
 TOOLS = ("ns-train", "ns-export", "ns-eval")
 EXPERIMENT, TIMESTAMP = "korokoro", "train"
@@ -325,25 +324,5 @@ def train_nerfacto(
     )
 
 
-@register_backend("nerfacto")
-class NerfactoBackend:
-    """``get_backend("nerfacto")``: trains with nerfstudio's CLI, loads as a mesh-backed field."""
-
-    name = "nerfacto"
-    settings_type = NerfactoSettings
-
-    def validate_settings(self, settings: dict[str, Any]) -> None:
-        split_settings(settings, NerfactoSettings)
-
-    def train(
-        self,
-        transforms: Path,
-        hull: Path,
-        out_dir: Path,
-        settings: dict[str, Any],
-        progress: Callable[[int, int, dict[str, float]], None] | None = None,
-    ) -> TrainReport:
-        return train_nerfacto(transforms, hull, out_dir, settings, progress)
-
-    def load(self, out_dir: Path, device: str | torch.device = "cpu") -> MeshField:
-        return load_mesh_field(out_dir, self.name, device)
+# Trains with its tool, loads as a mesh-backed field: ``get_backend("nerfacto")``.
+register_backend("nerfacto")(lambda: MeshBackedBackend("nerfacto", NerfactoSettings, train_nerfacto))
