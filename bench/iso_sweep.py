@@ -23,7 +23,7 @@ from bench import quality
 from bench.records import load_records
 from flows.config import compose_config
 from tasks import mesh_geometry as geo
-from tasks.mesh import MeshSettings, cull_outside_hull, meshing_box
+from tasks.mesh import MeshSettings, clean_surface, meshing_box
 from tasks.mesh_iso import choose_iso_level, silhouette_iou
 from tasks.nerf.base import get_backend
 
@@ -47,10 +47,7 @@ def sweep(run: Path, turntable: Path, overrides: list[str], device: str) -> list
             v, f = geo.grid_to_mesh(grid, box, level)
         except geo.EmptyFieldError:
             continue
-        if settings.hull_cull:
-            v, f, _ = cull_outside_hull(v, f, masks, settings)
-        v, f, _ = geo.keep_main_components(v, f, settings.keep_component_fraction)
-        v = geo.taubin_smooth(v, f, settings.smooth_iterations, settings.smooth_lambda, settings.smooth_mu)
+        v, f, _ = clean_surface(v, f, masks, settings)
         v, f = geo.decimate(v, f, settings.max_triangles)
         estimate = trimesh.Trimesh(vertices=s * v @ R.T + t, faces=f, process=False)
         row = {"level": level, "silhouette_iou": round(scores.get(level, float("nan")), 4), "chosen": level == chosen}

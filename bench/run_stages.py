@@ -121,8 +121,7 @@ def run(
         "total_seconds": round(sum(r["seconds"] for r in rows), 2),
         "quality": figures,
     }
-    profile = next((o.split("=", 1)[1] for o in overrides if o.startswith("profile=")), "cpu")
-    result["targets"] = check_targets(result, profile)
+    result["targets"] = check_targets(result, cfg["profile_name"])
     (out / "results.json").write_text(json.dumps(result, indent=1))
     lines = ["| stage | seconds | peak RSS MB | peak GPU MB |", "|---|---:|---:|---:|"]
     lines += [f"| {r['stage']} | {r['seconds']} | {r['peak_rss_mb']} | {r['peak_gpu_mb'] or '-'} |" for r in rows]

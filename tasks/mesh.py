@@ -17,6 +17,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -149,6 +150,23 @@ def cull_outside_hull(vertices: np.ndarray, faces: np.ndarray, masks: MaskSet, s
         )
     v, f = geo.drop_unused_vertices(vertices, faces[keep])
     return v, f, method
+
+
+def clean_surface(
+    vertices: np.ndarray, faces: np.ndarray, masks: MaskSet, settings: MeshSettings
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Marching cubes' raw surface → the product: hull cull, main components, Taubin smoothing.
+
+    Returns the cleaned ``vertices [V, 3]``, ``faces [F, 3]`` and what each step removed.
+    """
+    raw_triangles = len(faces)
+    cull_method = "off"
+    if settings.hull_cull:
+        vertices, faces, cull_method = cull_outside_hull(vertices, faces, masks, settings)
+    culled = raw_triangles - len(faces)
+    vertices, faces, dropped = geo.keep_main_components(vertices, faces, settings.keep_component_fraction)
+    vertices = geo.taubin_smooth(vertices, faces, settings.smooth_iterations, settings.smooth_lambda, settings.smooth_mu)
+    return vertices, faces, {"hull_cull": cull_method, "triangles_culled_by_hull": culled, "components_dropped": dropped}
 
 
 def _encode(image_field: np.ndarray, size: int, fmt: str, quality: int, field_space: str) -> bytes:
@@ -318,12 +336,7 @@ def extract_mesh(
     del grid
     raw_triangles = len(faces)
     lap("marching_cubes")
-    cull_method = "off"
-    if settings.hull_cull:
-        vertices, faces, cull_method = cull_outside_hull(vertices, faces, masks, settings)
-    culled_triangles = raw_triangles - len(faces)
-    vertices, faces, dropped = geo.keep_main_components(vertices, faces, settings.keep_component_fraction)
-    vertices = geo.taubin_smooth(vertices, faces, settings.smooth_iterations, settings.smooth_lambda, settings.smooth_mu)
+    vertices, faces, cleaning = clean_surface(vertices, faces, masks, settings)
     clean_triangles = len(faces)
     lap("cleaning")
 
@@ -399,9 +412,9 @@ def extract_mesh(
         "iso_level": level,
         "iso_silhouette_iou": {str(k): round(v, 4) for k, v in iso_scores.items()},
         "triangles_marching_cubes": raw_triangles,
-        "triangles_culled_by_hull": culled_triangles,
-        "hull_cull": cull_method,
-        "components_dropped": dropped,
+        "triangles_culled_by_hull": cleaning["triangles_culled_by_hull"],
+        "hull_cull": cleaning["hull_cull"],
+        "components_dropped": cleaning["components_dropped"],
         "triangles_clean": clean_triangles,
         "budget_adjustments": adjustments,
         "budget_plan": plan,
