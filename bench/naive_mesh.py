@@ -30,7 +30,9 @@ from tasks.nerf.base import get_backend
 def naive_obj(run: Path, out: Path, resolution: int, device: str) -> dict:
     records = load_records(run)
     field, asset = records["train"], records["mesh"]
-    level = float(json.loads(Path(asset.metrics).read_text())["iso_level"])
+    metrics = json.loads(Path(asset.metrics).read_text())
+    # The seed meshed one density level; a fused-depth mesh has none, so use the preset's fixed level.
+    level = float(metrics.get("iso_level", metrics["settings"]["density_threshold"]))
     radiance = get_backend(field.backend).load(Path(field.dir), device)
     box = radiance.aabb.detach().float().cpu().numpy().astype(np.float64).reshape(2, 3)
     grid = geo.sample_density_grid(radiance, box, resolution, 1 << 18, device)

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from tasks import mesh_geometry as geo
+from tasks.mesh_fusion import FusionSettings, fuse_depth
 from tasks.mesh_iso import choose_iso_level, silhouette_iou
 from tasks.mesh_export import Z_UP_TO_Y_UP, estimate_glb_bytes, glb_bytes, write_obj
 from tasks.mesh_texture import bake_texture, encode_image, linear_to_srgb, shade, srgb_to_linear
@@ -42,6 +43,7 @@ class MeshBudgetError(ValueError):
 class MeshSettings:
     """Every tunable of the mesh stage (conf/mesh/*.yaml documents each key)."""
 
+    surface: str = "depth_fusion"
     grid_resolution: int = 256
     grid_box: str = "hull"
     hull_padding: float = 0.05
@@ -86,11 +88,23 @@ class MeshSettings:
     unwrap_pack_scale: float = 0.5
     unwrap_faces_per_part: int = 6000
     usdz: bool = True
+    fusion_views: int = 64
+    fusion_long_side: int = 384
+    fusion_truncation_voxels: float = 4.0
+    fusion_min_alpha: float = 0.5
+    close_base: bool = True
+    base_percentile: float = 0.1
+    base_thickness_voxels: float = 2.0
+    fusion_open_fraction: float = 0.05
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> None:
             raise ValueError(f"mesh.{key}={getattr(self, key)!r}: {why}")
 
+        if self.surface not in ("depth_fusion", "density"):
+            bad("surface", "choose 'depth_fusion' (fused rendered depth, carved by the masks) or 'density' (a density level)")
+        if self.fusion_views < 1 or self.fusion_long_side < 16 or self.fusion_truncation_voxels <= 0:
+            bad("fusion_views", "fusion_views ≥ 1, fusion_long_side ≥ 16 and fusion_truncation_voxels > 0 are needed")
         if self.grid_box not in ("hull", "field"):
             bad("grid_box", "choose 'hull' (the masks' box, padded) or 'field' (the field's aabb)")
         if self.texture_format not in ("png", "jpeg"):
@@ -167,6 +181,40 @@ def clean_surface(
     vertices, faces, dropped = geo.keep_main_components(vertices, faces, settings.keep_component_fraction)
     vertices = geo.taubin_smooth(vertices, faces, settings.smooth_iterations, settings.smooth_lambda, settings.smooth_mu)
     return vertices, faces, {"hull_cull": cull_method, "triangles_culled_by_hull": culled, "components_dropped": dropped}
+
+
+def _surface(radiance, masks: MaskSet, box: np.ndarray, settings: MeshSettings, device: str, lap) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Marching cubes of the product in ``box``: of the fused depth (``surface: depth_fusion``) or
+    of a density level chosen against the masks (``surface: density``). Returns vertices, faces
+    and a record for metrics.json."""
+    if settings.surface == "depth_fusion":
+        fusion = FusionSettings(settings.fusion_views, settings.fusion_long_side, settings.fusion_truncation_voxels,
+                                settings.fusion_min_alpha, settings.close_base, settings.base_percentile,
+                                settings.base_thickness_voxels, settings.fusion_open_fraction)
+        tsdf, record = fuse_depth(radiance, box, settings.grid_resolution, Path(masks.transforms), fusion, device)
+        lap("fusion")
+        if not (tsdf < 0).any() or not (tsdf > 0).any():
+            raise geo.EmptyFieldError(
+                f"the fused depth of {masks.transforms} holds no surface in the meshing box ({record}): the field "
+                "renders nothing opaque where the masks show the product; check training, or try mesh.surface=density"
+            )
+        vertices, faces = geo.grid_to_mesh(-tsdf, box, 0.0)
+        lap("marching_cubes")
+        return vertices, faces, {"surface": "depth_fusion", "fusion": record}
+    grid = geo.sample_density_grid(radiance, box, settings.grid_resolution, settings.chunk_points, device)
+    lap("grid")
+    level, iso_scores = settings.density_threshold, {}
+    if settings.iso_levels:
+        axes = [np.linspace(box[0, k], box[1, k], settings.grid_resolution) for k in range(3)]
+        iso_scores = silhouette_iou(
+            grid, axes, Path(masks.transforms), settings.iso_levels, settings.iso_views, settings.iso_work_px
+        )
+        level = choose_iso_level(iso_scores, settings.iso_tolerance)
+    lap("iso_level")
+    vertices, faces = geo.grid_to_mesh(grid, box, level)
+    lap("marching_cubes")
+    return vertices, faces, {"surface": "density", "iso_level": level,
+                             "iso_silhouette_iou": {str(k): round(v, 4) for k, v in iso_scores.items()}}
 
 
 def _encode(image_field: np.ndarray, size: int, fmt: str, quality: int, field_space: str) -> bytes:
@@ -321,21 +369,9 @@ def extract_mesh(
     radiance = get_backend(field.backend).load(Path(field.dir), device)
     field_aabb = radiance.aabb.detach().float().cpu().numpy().astype(np.float64).reshape(2, 3)
     box = meshing_box(field_aabb, masks, settings)
-    grid = geo.sample_density_grid(radiance, box, settings.grid_resolution, settings.chunk_points, device)
     voxel = float(np.mean((box[1] - box[0]) / (settings.grid_resolution - 1)))
-    lap("grid")
-    level, iso_scores = settings.density_threshold, {}
-    if settings.iso_levels:
-        axes = [np.linspace(box[0, k], box[1, k], settings.grid_resolution) for k in range(3)]
-        iso_scores = silhouette_iou(
-            grid, axes, Path(masks.transforms), settings.iso_levels, settings.iso_views, settings.iso_work_px
-        )
-        level = choose_iso_level(iso_scores, settings.iso_tolerance)
-    lap("iso_level")
-    vertices, faces = geo.grid_to_mesh(grid, box, level)
-    del grid
+    vertices, faces, surface = _surface(radiance, masks, box, settings, device, lap)
     raw_triangles = len(faces)
-    lap("marching_cubes")
     vertices, faces, cleaning = clean_surface(vertices, faces, masks, settings)
     clean_triangles = len(faces)
     lap("cleaning")
@@ -409,8 +445,7 @@ def extract_mesh(
         "texture_error": colored.get("texture_error"),
         "bbox_world_zup": {"min": colored["vertices"].min(0).tolist(), "max": colored["vertices"].max(0).tolist()},
         "meshing_box": box.tolist(),
-        "iso_level": level,
-        "iso_silhouette_iou": {str(k): round(v, 4) for k, v in iso_scores.items()},
+        **surface,
         "triangles_marching_cubes": raw_triangles,
         "triangles_culled_by_hull": cleaning["triangles_culled_by_hull"],
         "hull_cull": cleaning["hull_cull"],

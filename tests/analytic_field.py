@@ -127,12 +127,14 @@ def look_at(eye: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 def write_masks(
-    out_dir: Path, field: AnalyticField, views: int = 12, size: int = 96, grid: int | None = None, hull_spec: SphereSpec | None = None
+    out_dir: Path, field: AnalyticField, views: int = 12, size: int = 96, grid: int | None = None,
+    hull_spec: SphereSpec | None = None, heights: tuple[float, ...] = (1.0, 1.5),
 ) -> MaskSet:
     """Masks rendered from a ring of cameras (plus a hull json, with an occupancy grid if ``grid``).
 
     ``hull_spec`` (default: the field's own spec) says what the masks show, so a test can leave
-    the floater out of the masks and check that the visual hull removes it.
+    the floater out of the masks and check that the visual hull removes it. Camera ``k`` stands
+    at height ``heights[k % len(heights)]`` (the default: above the product, as a filmed orbit).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     mask_field = AnalyticField(hull_spec or field.spec)
@@ -140,7 +142,7 @@ def write_masks(
     frames = []
     for k in range(views):
         azimuth = 2 * math.pi * k / views
-        eye = np.array([3.0 * math.cos(azimuth), 3.0 * math.sin(azimuth), 1.0 + 0.5 * (k % 2)])
+        eye = np.array([3.0 * math.cos(azimuth), 3.0 * math.sin(azimuth), heights[k % len(heights)]])
         c2w = look_at(eye, np.zeros(3))
         out = mask_field.render(torch.tensor(c2w, dtype=torch.float32), torch.tensor([focal, focal, size / 2, size / 2]), size, size)
         name = f"mask_{k:03d}.png"

@@ -53,17 +53,21 @@ def frameset_from_video(video: Path, out_dir: Path) -> FrameSet:
 def solved(tmp_path_factory):
     """Render, decode and solve each case once per module; ``solved(case) -> (rig, truth_dir)``."""
     turntable = pytest.importorskip("tools.turntable")
+    renders: dict = {}
     cache: dict = {}
 
-    def get(case):
-        if case not in cache:
+    def get(case, **overrides):
+        if case not in renders:
             name, elevation = case
             root = tmp_path_factory.mktemp(f"{name}_{int(elevation)}")
             tt = turntable.render_turntable(name, root / "render", elevation_deg=elevation, **TURNTABLE)
-            frames = frameset_from_video(tt.video, root / "frames")
-            rig = solve_cameras(frames, root / "cameras", default_settings(), "fp-test")
-            cache[case] = (rig, tt.cameras.parent)
-        return cache[case]
+            renders[case] = (root, frameset_from_video(tt.video, root / "frames"), tt.cameras.parent)
+        key = (case, tuple(sorted(overrides.items())))
+        if key not in cache:
+            root, frames, truth_dir = renders[case]
+            out = root / ("cameras-" + "-".join(f"{k}{v}" for k, v in sorted(overrides.items())) if overrides else "cameras")
+            cache[key] = (solve_cameras(frames, out, default_settings(**overrides), "fp-test"), truth_dir)
+        return cache[key]
 
     return get
 
@@ -181,3 +185,27 @@ def test_orbit_pairs_wrap_around_a_closed_orbit():
     assert len(pairs) == 20  # each frame with its 2 successors, no duplicates
     open_pairs = set(orbit_pairs(names, overlap=2, quadratic=False, loop_closure=False))
     assert ("f0", "f9") not in open_pairs and len(open_pairs) == 17
+
+
+def test_known_focal_length_is_held_fixed(solved):
+    """A phone's 35 mm-equivalent focal length fixes the camera's focal (an orbit at one height
+    cannot pin it down) and the solve still meets the camera bounds."""
+    truth = json.loads((solved(CASES[0])[1] / "cameras.json").read_text())
+    focal_35mm = truth["fl_x"] * 43.267 / float(np.hypot(truth["w"], truth["h"]))
+    rig, truth_dir = solved(CASES[0], focal_length_35mm=focal_35mm)
+    est, true, transforms = estimated_and_true(rig, truth_dir)
+    assert transforms["fl_x"] == pytest.approx(truth["fl_x"], rel=1e-4)
+    rotation, position = camera_errors(est, true)
+    radius = float(np.linalg.norm(true[:, :3, 3] - true[:, :3, 3].mean(0), axis=1).mean())
+    assert np.median(rotation) <= 0.5 and np.median(position) / radius <= 0.01
+    assert len(est) >= 0.95 * 48
+
+
+def test_known_camera_params_follow_the_camera_model():
+    from tasks.colmap import known_camera_params
+
+    # 26 mm-equivalent (a phone's main camera) on 1920x1080: f = 26 * hypot(1920, 1080) / 43.267 = 1323.77 px.
+    assert known_camera_params(default_settings(focal_length_35mm=26.0), 1920, 1080) == "1323.77,960,540,0"
+    assert known_camera_params(default_settings(focal_length_35mm=26.0, camera_model="PINHOLE"), 1920, 1080) == "1323.77,1323.77,960,540"
+    with pytest.raises(ValueError, match="focal_length_35mm"):
+        default_settings(focal_length_35mm=-1.0)

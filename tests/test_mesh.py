@@ -28,9 +28,10 @@ from tests.analytic_field import AnalyticField, SphereSpec, quadrant_color, writ
 SPHERE = SphereSpec()
 WITH_FLOATER = replace(SPHERE, floater_centre=(0.75, 0.7, -0.7))
 CENTRE = np.asarray(SPHERE.centre)
-# Small and fast: the analytic sphere's iso-surface at sigma_max / 2 is exactly the sphere.
+# Small and fast: the analytic sphere's iso-surface at sigma_max / 2 is exactly the sphere (the density
+# path; tests/test_mesh_fusion.py covers the fused-depth one).
 FAST = MeshSettings(
-    grid_resolution=64, density_threshold=SPHERE.sigma_max / 2, max_triangles=3000, min_triangles=500,
+    surface="density", grid_resolution=64, density_threshold=SPHERE.sigma_max / 2, max_triangles=3000, min_triangles=500,
     texture_size=256, min_texture_size=128, max_glb_bytes=400_000, color_views=3, color_ray_samples=4,
     unwrap_in_subprocess=True,
 )
@@ -370,10 +371,11 @@ def test_web_preset_meets_the_commerce_budget(tmp_path, monkeypatch):
     """≤ 100k triangles, ≤ 3 MB and a 2048² texture from a ~1M-triangle mesh, unwrapping at most twice."""
     calls = count_unwraps(monkeypatch)
     path = Path(__file__).resolve().parents[1] / "conf" / "mesh" / "web.yaml"
-    # The masks here are a deliberately loose hull (0.95 sphere), so the iso-level is fixed rather
-    # than fitted to them (tests/test_mesh_iso.py covers the fitting).
+    # The masks here are a deliberately loose hull (0.95 sphere), so the surface is a fixed density
+    # level rather than fitted to them (tests/test_mesh_iso.py covers the fitting): the budget is
+    # what this test is about, on a mesh as dense as a real field's.
     settings = replace(
-        MeshSettings(**yaml.safe_load(path.read_text())), density_threshold=BUMPY.sigma_max / 2, iso_levels=()
+        MeshSettings(**yaml.safe_load(path.read_text())), surface="density", density_threshold=BUMPY.sigma_max / 2, iso_levels=()
     )
     (tmp_path / "field").mkdir()
     (tmp_path / "field" / "metrics.json").write_text("{}")

@@ -108,9 +108,11 @@ def render_rays(
     directions: Tensor,
     jitter: bool,
     generator: torch.Generator | None = None,
+    median: bool = False,
 ) -> dict[str, Tensor]:
     """Render a batch of rays ``[R, 3], [R, 3]`` → ``rgb [R, 3]`` (premultiplied), ``alpha [R]``,
-    ``depth [R]``, plus ``samples`` (how many samples reached the MLPs, a 0-d tensor).
+    ``depth [R]`` (and ``depth_median [R]`` with ``median``), plus ``samples`` (how many samples
+    reached the MLPs, a 0-d tensor).
 
     The MLPs run only on kept samples; the rest keep zero density.
     """
@@ -122,7 +124,7 @@ def render_rays(
     sigma, rgb = model(points, directions[ray_of_sample])
     sigmas = torch.zeros(n_rays * n_slots, device=origins.device, dtype=sigma.dtype).index_put((flat,), sigma)
     colors = torch.zeros(n_rays * n_slots, 3, device=origins.device, dtype=rgb.dtype).index_put((flat,), rgb)
-    out = composite(sigmas.reshape(n_rays, n_slots), colors.reshape(n_rays, n_slots, 3), samples.t_mid, samples.step)
+    out = composite(sigmas.reshape(n_rays, n_slots), colors.reshape(n_rays, n_slots, 3), samples.t_mid, samples.step, median)
     out["samples"] = torch.tensor(flat.shape[0])
     return out
 
@@ -162,20 +164,18 @@ class NgpRadianceField:
     @torch.no_grad()
     def render(self, c2w: Tensor, intrinsics: Tensor, width: int, height: int) -> dict[str, Tensor]:
         """One view: c2w ``[4, 4]`` (OpenGL), intrinsics ``[4]`` fx, fy, cx, cy →
-        ``rgb [H, W, 3]`` (premultiplied), ``alpha [H, W]``, ``depth [H, W]``; rays go in chunks."""
+        ``rgb [H, W, 3]`` (premultiplied), ``alpha [H, W]``, ``depth [H, W]`` (expected distance) and
+        ``depth_median [H, W]`` (where opacity crosses one half; 0 where it never does); rays go in chunks."""
         c2w = c2w.to(self.device, torch.float32)
         intrinsics = intrinsics.to(self.device, torch.float32)
         v, u = torch.meshgrid(torch.arange(height, device=self.device), torch.arange(width, device=self.device), indexing="ij")
         pixels = torch.stack([u.reshape(-1), v.reshape(-1)], dim=-1)
-        rgb, alpha, depth = [], [], []
+        keys = ("rgb", "alpha", "depth", "depth_median")
+        parts: dict[str, list[Tensor]] = {key: [] for key in keys}
         for part in pixels.split(self.chunk):
             origins, directions = pixel_rays(c2w, intrinsics, part)
-            out = render_rays(self.model, self.sampler, origins, directions, jitter=False)
-            rgb.append(out["rgb"].float())
-            alpha.append(out["alpha"].float())
-            depth.append(out["depth"].float())
-        return {
-            "rgb": torch.cat(rgb).reshape(height, width, 3),
-            "alpha": torch.cat(alpha).reshape(height, width),
-            "depth": torch.cat(depth).reshape(height, width),
-        }
+            out = render_rays(self.model, self.sampler, origins, directions, jitter=False, median=True)
+            for key in keys:
+                parts[key].append(out[key].float())
+        shapes = {"rgb": (height, width, 3)}
+        return {key: torch.cat(parts[key]).reshape(shapes.get(key, (height, width))) for key in keys}

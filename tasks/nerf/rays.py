@@ -64,12 +64,13 @@ def stratified_samples(
     return t_mid, t_mid < t_far[:, None]
 
 
-def composite(sigmas: Tensor, colors: Tensor, t_mid: Tensor, step: float) -> dict[str, Tensor]:
+def composite(sigmas: Tensor, colors: Tensor, t_mid: Tensor, step: float, median: bool = False) -> dict[str, Tensor]:
     """Alpha compositing along each ray (front to back).
 
     sigmas ``[R, S]`` (0 in culled / invalid slots), colors ``[R, S, 3]``, t_mid ``[R, S]``.
     Returns ``rgb [R, 3]`` (premultiplied, no background), ``alpha [R]`` (accumulated
-    opacity), ``depth [R]`` (expected distance, 0 where empty), ``weights [R, S]``.
+    opacity), ``depth [R]`` (expected distance, 0 where empty), ``weights [R, S]``; with
+    ``median``, also ``depth_median [R]``: where the opacity crosses one half (0 where it never does).
     """
     optical_depth = sigmas * step  # [R, S]
     alpha = 1.0 - torch.exp(-optical_depth)
@@ -79,7 +80,11 @@ def composite(sigmas: Tensor, colors: Tensor, t_mid: Tensor, step: float) -> dic
     accumulated = weights.sum(-1)
     rgb = (weights[..., None] * colors).sum(-2)
     depth = (weights * t_mid).sum(-1)
-    return {"rgb": rgb, "alpha": accumulated, "depth": depth, "weights": weights}
+    out = {"rgb": rgb, "alpha": accumulated, "depth": depth, "weights": weights}
+    if median:
+        crossed = (torch.cumsum(weights, dim=-1) < 0.5).sum(-1).clamp(max=t_mid.shape[-1] - 1)
+        out["depth_median"] = torch.where(accumulated >= 0.5, t_mid.gather(-1, crossed[:, None])[:, 0], torch.zeros_like(depth))
+    return out
 
 
 def psnr(prediction: Tensor, target: Tensor) -> float:

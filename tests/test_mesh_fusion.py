@@ -1,0 +1,107 @@
+"""Surface from fused depth (tasks/mesh_fusion.py): the analytic sphere, hidden space, the base."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from tasks.mesh import MeshSettings, extract_mesh
+from tasks.mesh_fusion import fill_hidden
+from tasks.nerf.rays import composite
+from tests.analytic_field import AnalyticField, SphereSpec, write_analytic_field, write_masks
+from tests.test_mesh import FAST, SPHERE, WITH_FLOATER, CENTRE, to_world
+
+FUSED = replace(FAST, surface="depth_fusion", fusion_views=12, fusion_long_side=96)
+SPHERE_VOLUME = 4 / 3 * np.pi * SPHERE.radius**3
+
+
+def fused_mesh(tmp_path, spec: SphereSpec, heights: tuple[float, ...], **settings):
+    field = write_analytic_field(tmp_path / "field", spec)
+    masks = write_masks(tmp_path / "masks", AnalyticField(spec), views=12, size=96, hull_spec=SPHERE, heights=heights)
+    asset = extract_mesh(field, masks, tmp_path / "mesh", replace(FUSED, **settings), fingerprint="fp")
+    metrics = json.loads(asset.metrics.read_text())
+    glb = trimesh.load(asset.glb, force="mesh")
+    return to_world(np.asarray(glb.vertices)), glb, metrics
+
+
+def test_fused_sphere_seen_from_all_round(tmp_path):
+    """Cameras above, level and below: the sphere comes back closed, and the floater the masks do
+    not show is carved away by them (no density level, no hull cull needed)."""
+    verts, glb, metrics = fused_mesh(tmp_path, WITH_FLOATER, heights=(1.5, 0.0, -1.5), close_base=False, hull_cull=False)
+    assert metrics["surface"] == "depth_fusion" and metrics["fusion"]["views"] == 12
+    to_surface = np.abs(np.linalg.norm(verts - CENTRE, axis=1) - SPHERE.radius)
+    assert to_surface.mean() < 0.02 * SPHERE.radius
+    np.testing.assert_allclose(verts.min(0), CENTRE - SPHERE.radius, atol=0.04 * SPHERE.radius)
+    np.testing.assert_allclose(verts.max(0), CENTRE + SPHERE.radius, atol=0.04 * SPHERE.radius)
+    assert np.linalg.norm(verts - np.asarray(WITH_FLOATER.floater_centre), axis=1).min() > 0.2
+    assert glb.volume == pytest.approx(SPHERE_VOLUME, rel=0.06)
+
+
+def test_base_closes_what_no_camera_sees(tmp_path):
+    """Cameras only above (a filmed orbit): with close_base the bottom is cut flat at the lowest
+    surface seen and the product stays solid; without it the hidden underside opens onto the
+    empty space below and only a shell is left, which is why the base is closed."""
+    verts, glb, metrics = fused_mesh(tmp_path / "closed", SPHERE, heights=(1.0, 1.5))
+    base = metrics["fusion"]["base_z"]
+    assert CENTRE[2] - SPHERE.radius < base < CENTRE[2]
+    assert verts[:, 2].min() == pytest.approx(base, abs=0.05)
+    # A flat base: many vertices lie in the plane at the bottom.
+    assert (verts[:, 2] < verts[:, 2].min() + 0.02).sum() > 50
+    # The sphere above the cut, within a few per cent.
+    h = base - (CENTRE[2] - SPHERE.radius)
+    cap = np.pi * h**2 * (3 * SPHERE.radius - h) / 3
+    assert glb.volume == pytest.approx(SPHERE_VOLUME - cap, rel=0.08)
+    _, open_glb, open_metrics = fused_mesh(tmp_path / "open", SPHERE, heights=(1.0, 1.5), close_base=False)
+    assert "base_z" not in open_metrics["fusion"]
+    assert open_glb.volume < 0.6 * glb.volume
+
+
+def _shell(n: int = 24, lo: int = 6, hi: int = 18) -> tuple[np.ndarray, np.ndarray]:
+    """Grids of a cube seen from outside: voxels in [lo, hi)³ minus a 2-voxel band are hidden,
+    the band is a seen surface, everything else seen empty."""
+    observed = np.ones((n, n, n), bool)
+    free = np.ones((n, n, n), bool)
+    free[lo:hi, lo:hi, lo:hi] = False
+    observed[lo + 2 : hi - 2, lo + 2 : hi - 2, lo + 2 : hi - 2] = False
+    return observed, free
+
+
+def test_hidden_inside_of_a_closed_product_is_solid_despite_a_leak():
+    observed, free = _shell()
+    free[6, 12, 12] = free[7, 12, 12] = True  # a mask a pixel short marks a path through the wall as empty
+    solid = fill_hidden(observed, free, open_fraction=0.05)
+    assert solid[8:16, 8:16, 8:16].all() and solid.sum() == 8**3
+    # Any contact at all would have hollowed it out.
+    assert not fill_hidden(observed, free, open_fraction=0.0).any()
+
+
+def test_hidden_depths_of_an_open_container_are_empty():
+    observed, free = _shell()
+    # The top is open: the upper part of the cavity is seen empty, its depths are not.
+    observed[8:16, 8:16, 12:18] = True
+    free[8:16, 8:16, 12:] = True
+    assert not fill_hidden(observed, free, open_fraction=0.05).any()
+
+
+def test_median_depth_is_where_opacity_crosses_one_half():
+    t = torch.linspace(0.0, 2.0, 201)[None].repeat(2, 1)
+    sigmas = torch.zeros(2, 201)
+    sigmas[0, 100:] = 50.0  # a wall at t = 1
+    sigmas[1, 100:] = 0.5  # a faint haze: never half opaque
+    out = composite(sigmas, torch.zeros(2, 201, 3), t, 0.01, median=True)
+    opacity_half = 1.0 + np.log(2) / 50.0
+    assert out["depth_median"][0] == pytest.approx(opacity_half, abs=0.011)
+    assert out["depth_median"][1] == 0.0 and out["alpha"][1] < 0.5
+    assert "depth_median" not in composite(sigmas, torch.zeros(2, 201, 3), t, 0.01)
+
+
+def test_fusion_settings_are_checked():
+    with pytest.raises(ValueError, match="mesh.surface"):
+        MeshSettings(surface="poisson")
+    with pytest.raises(ValueError, match="fusion_views"):
+        MeshSettings(fusion_views=0)
