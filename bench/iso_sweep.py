@@ -51,7 +51,7 @@ def sweep(run: Path, turntable: Path, overrides: list[str], device: str) -> list
         v, f = geo.decimate(v, f, settings.max_triangles)
         estimate = trimesh.Trimesh(vertices=s * v @ R.T + t, faces=f, process=False)
         row = {"level": level, "silhouette_iou": round(scores.get(level, float("nan")), 4), "chosen": level == chosen}
-        row.update({k: round(x, 5) for k, x in quality.geometry_quality(estimate, turntable / "truth" / "mesh.ply").items()})
+        row.update({k: round(x, 5) if isinstance(x, float) else x for k, x in quality.geometry_quality(estimate, turntable / "truth" / "mesh.ply").items()})
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

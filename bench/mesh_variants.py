@@ -39,7 +39,7 @@ def run_variants(run: Path, turntable: Path, profile: str, variants: list[str], 
         metrics = json.loads(Path(asset.metrics).read_text())
         row: dict[str, Any] = {"variant": variant or "(preset)", "seconds": round(seconds, 2), "triangles": asset.triangles,
                                "glb_bytes": metrics["glb_bytes"], "stage_seconds": metrics["seconds"]}
-        row.update({k: round(v, 5) for k, v in quality.geometry_quality(estimate, turntable / "truth" / "mesh.ply").items()})
+        row.update({k: round(v, 5) if isinstance(v, float) else v for k, v in quality.geometry_quality(estimate, turntable / "truth" / "mesh.ply").items()})
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

@@ -122,10 +122,18 @@ def geometry_quality(estimate: trimesh.Trimesh, truth_mesh: Path, samples: int =
     truth = trimesh.load(truth_mesh, force="mesh")
     diag = float(np.linalg.norm(truth.extents))
     est_pts = np.asarray(trimesh.sample.sample_surface(estimate, samples, seed=seed)[0])
-    true_pts = np.asarray(trimesh.sample.sample_surface(truth, samples, seed=seed)[0])
+    true_pts, true_faces = trimesh.sample.sample_surface(truth, samples, seed=seed)
+    true_pts = np.asarray(true_pts)
     figures = _surface_figures(est_pts, true_pts, diag)
     R, t = refine_alignment(est_pts[::8], true_pts, max_dist=0.03 * diag)
     figures.update({f"{k}_icp": v for k, v in _surface_figures(est_pts @ R.T + t, true_pts, diag).items()})
+    # Recall split by which way the true surface faces: an orbit above the product never sees its
+    # underside (normal pointing down), so that part says how the unseen base was closed.
+    d_true, _ = cKDTree(est_pts @ R.T + t).query(true_pts, workers=-1)
+    down = np.asarray(truth.face_normals)[true_faces][:, 2] < -0.7
+    figures["underside_fraction"] = float(down.mean())
+    figures["recall_1pct_icp_underside"] = float((d_true[down] < 0.01 * diag).mean()) if down.any() else None
+    figures["recall_1pct_icp_rest"] = float((d_true[~down] < 0.01 * diag).mean())
     figures["icp_shift_m"] = float(np.linalg.norm(est_pts.mean(0) @ R.T + t - est_pts.mean(0)))
     figures["icp_rotation_deg"] = float(np.degrees(np.arccos(np.clip((np.trace(R) - 1) / 2, -1, 1))))
     extent_err = (estimate.extents - truth.extents) / truth.extents

@@ -96,6 +96,7 @@ class MeshSettings:
     base_percentile: float = 0.1
     base_thickness_voxels: float = 2.0
     fusion_open_fraction: float = 0.05
+    fusion_carve_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> None:
@@ -190,7 +191,8 @@ def _surface(radiance, masks: MaskSet, box: np.ndarray, settings: MeshSettings, 
     if settings.surface == "depth_fusion":
         fusion = FusionSettings(settings.fusion_views, settings.fusion_long_side, settings.fusion_truncation_voxels,
                                 settings.fusion_min_alpha, settings.close_base, settings.base_percentile,
-                                settings.base_thickness_voxels, settings.fusion_open_fraction)
+                                settings.base_thickness_voxels, settings.fusion_open_fraction,
+                                settings.fusion_carve_fraction)
         tsdf, record = fuse_depth(radiance, box, settings.grid_resolution, Path(masks.transforms), fusion, device)
         lap("fusion")
         if not (tsdf < 0).any() or not (tsdf > 0).any():

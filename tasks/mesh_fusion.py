@@ -47,6 +47,7 @@ class FusionSettings:
     base_percentile: float = 0.1
     base_thickness_voxels: float = 2.0
     open_fraction: float = 0.05
+    carve_fraction: float = 0.1
 
 
 def _undistorted_mask(path: Path, intrinsics: np.ndarray, distortion: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -105,9 +106,7 @@ def fuse_depth(
     axes = [torch.linspace(float(box[0, k]), float(box[1, k]), resolution, device=dev) for k in range(3)]
     voxel = float(np.max((box[1] - box[0]) / max(resolution - 1, 1)))
     trunc = settings.truncation_voxels * voxel
-    n = resolution**3
-    sdf_sum = torch.zeros(n, device=dev)
-    weight = torch.zeros(n, device=dev)
+    grid = _Accumulator(resolution**3, dev)
     heights: list[Tensor] = []
     # One x-slab of voxel centres at a time keeps memory at a few hundred MB for 384³ grids.
     slab = max(1, (1 << 22) // (resolution * resolution))
@@ -120,7 +119,7 @@ def fuse_depth(
             continue
         used += 1
         x0, y0, scale, cw, ch = _crop(mask, settings.long_side)
-        fx, fy, cx, cy = cams.intrinsics[index]
+        fx, fy, cx, cy = (float(value) for value in cams.intrinsics[index])
         crop_k = torch.tensor([fx * scale, fy * scale, (cx - x0) * scale, (cy - y0) * scale], dtype=torch.float32)
         c2w = torch.tensor(cams.c2w[index], dtype=torch.float32)
         with torch.no_grad():
@@ -132,38 +131,15 @@ def fuse_depth(
         crop_mask = torch.from_numpy(mask)[vs[:, None], us[None, :]].to(dev)
         depth = torch.where(crop_mask, depth, torch.full_like(depth, float("nan")))
         heights.append(_surface_heights(depth, crop_k.to(dev), c2w.to(dev)))
-
-        w2c = torch.linalg.inv(c2w).to(dev)
-        fx, fy, cx, cy = (float(value) for value in cams.intrinsics[index])
+        view = _View(torch.linalg.inv(c2w).to(dev), (fx, fy, cx, cy), (w, h), (x0, y0, scale), crop_mask, depth)
         for start in range(0, resolution, slab):
             xs = axes[0][start : start + slab]
             pts = torch.cat([xs.repeat_interleave(len(yz))[:, None], yz.repeat(len(xs), 1)], 1)
-            cam = pts @ w2c[:3, :3].T + w2c[:3, 3]
-            z = -cam[:, 2]
-            in_front = z > 1e-6
-            u_full = cx + fx * cam[:, 0] / z.clamp(min=1e-6)
-            v_full = cy - fy * cam[:, 1] / z.clamp(min=1e-6)
-            in_image = in_front & (u_full >= 0) & (u_full < w) & (v_full >= 0) & (v_full < h)
-            u = torch.floor((u_full - x0) * scale).long()
-            v = torch.floor((v_full - y0) * scale).long()
-            in_crop = in_image & (u >= 0) & (u < cw) & (v >= 0) & (v < ch)
-            uc, vc = u.clamp(0, cw - 1), v.clamp(0, ch - 1)
-            on_product = crop_mask[vc, uc] & in_crop
-            # In the image but off the mask (the crop holds all of the mask): the ray is empty.
-            background = in_image & ~on_product
-            # Depth is distance along the ray: compare it with the voxel's distance from the camera.
-            observed = depth[vc, uc] - cam.norm(dim=-1)
-            obs = torch.where(background, torch.full_like(z, trunc), torch.full_like(z, float("nan")))
-            has_depth = on_product & torch.isfinite(observed) & (observed > -trunc)
-            obs = torch.where(has_depth, observed.clamp(max=trunc), obs)
-            update = torch.isfinite(obs)
-            rows = slice(start * len(yz), start * len(yz) + len(pts))
-            sdf_sum[rows] += torch.where(update, obs, torch.zeros_like(obs))
-            weight[rows] += update.float()
+            grid.add(slice(start * len(yz), start * len(yz) + len(pts)), view, pts, trunc)
     if used == 0:
         raise ValueError(f"no mask of {transforms} shows the product: rerun the segment stage")
-    tsdf = torch.where(weight > 0, sdf_sum / weight.clamp(min=1), torch.zeros_like(sdf_sum)).reshape((resolution,) * 3)
-    observed = (weight > 0).reshape((resolution,) * 3)
+    tsdf, observed = grid.result(trunc, settings.carve_fraction)
+    tsdf, observed = tsdf.reshape((resolution,) * 3), observed.reshape((resolution,) * 3)
     record: dict[str, Any] = {"views": used, "truncation": trunc, "voxel": voxel,
                               "unobserved_fraction": float((~observed).float().mean())}
     seen_z = torch.cat(heights)
@@ -182,6 +158,66 @@ def fuse_depth(
     tsdf = torch.where(observed, tsdf, torch.from_numpy(np.where(hidden, -trunc, trunc).astype(np.float32)).to(dev))
     record["hidden_solid_fraction"] = float(hidden.mean())
     return tsdf.cpu().numpy().astype(np.float32), record
+
+
+@dataclass
+class _View:
+    """One rendered view: world→camera ``[4, 4]``, full-frame intrinsics and size, the crop
+    ``(x0, y0, scale)``, and the crop's mask and surface depth ``[h, w]`` (nan = none)."""
+
+    w2c: Tensor
+    intrinsics: tuple[float, float, float, float]
+    size: tuple[int, int]
+    crop: tuple[int, int, float]
+    mask: Tensor
+    depth: Tensor
+
+
+class _Accumulator:
+    """Running sums over the flattened grid: signed distances from depth, and mask votes."""
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        self.sdf_sum = torch.zeros(n, device=device)
+        self.weight = torch.zeros(n, device=device)
+        self.carve_votes = torch.zeros(n, device=device)
+        self.in_view = torch.zeros(n, device=device)
+
+    def add(self, rows: slice, view: _View, points: Tensor, trunc: float) -> None:
+        """Project ``points [M, 3]`` (the voxels ``rows``) into ``view`` and count what it says."""
+        cam = points @ view.w2c[:3, :3].T + view.w2c[:3, 3]
+        z = -cam[:, 2]
+        fx, fy, cx, cy = view.intrinsics
+        (w, h), (x0, y0, scale) = view.size, view.crop
+        u_full = cx + fx * cam[:, 0] / z.clamp(min=1e-6)
+        v_full = cy - fy * cam[:, 1] / z.clamp(min=1e-6)
+        in_image = (z > 1e-6) & (u_full >= 0) & (u_full < w) & (v_full >= 0) & (v_full < h)
+        ch, cw = view.mask.shape
+        u = torch.floor((u_full - x0) * scale).long()
+        v = torch.floor((v_full - y0) * scale).long()
+        in_crop = in_image & (u >= 0) & (u < cw) & (v >= 0) & (v < ch)
+        uc, vc = u.clamp(0, cw - 1), v.clamp(0, ch - 1)
+        on_product = view.mask[vc, uc] & in_crop
+        # Depth is distance along the ray: compare it with the voxel's distance from the camera.
+        observed = view.depth[vc, uc] - cam.norm(dim=-1)
+        has_depth = on_product & torch.isfinite(observed) & (observed > -trunc)
+        self.sdf_sum[rows] += torch.where(has_depth, observed.clamp(max=trunc), torch.zeros_like(z))
+        self.weight[rows] += has_depth.float()
+        # In the image but off the mask (the crop holds all of the mask): the ray is empty there.
+        self.carve_votes[rows] += (in_image & ~on_product).float()
+        self.in_view[rows] += in_image.float()
+
+    def result(self, trunc: float, carve_fraction: float) -> tuple[Tensor, Tensor]:
+        """The fused signed distance ``[N]`` and which voxels were observed ``[N]`` (bool).
+
+        The masks' votes count only where more than ``carve_fraction`` of the views that see a
+        voxel put it on background: one mask a few pixels short (a shadow at the base, a soft
+        edge) must not carve into the product, as the training's occupancy carving does.
+        """
+        carved = self.carve_votes > carve_fraction * self.in_view
+        votes = torch.where(carved, self.carve_votes, torch.zeros_like(self.carve_votes))
+        weight = self.weight + votes
+        tsdf = (self.sdf_sum + trunc * votes) / weight.clamp(min=1)
+        return tsdf, weight > 0
 
 
 def fill_hidden(observed: np.ndarray, free: np.ndarray, open_fraction: float) -> np.ndarray:

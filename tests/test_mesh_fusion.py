@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -20,9 +21,13 @@ FUSED = replace(FAST, surface="depth_fusion", fusion_views=12, fusion_long_side=
 SPHERE_VOLUME = 4 / 3 * np.pi * SPHERE.radius**3
 
 
-def fused_mesh(tmp_path, spec: SphereSpec, heights: tuple[float, ...], **settings):
+def fused_mesh(tmp_path, spec: SphereSpec, heights: tuple[float, ...], erode_first_mask_px: int = 0, **settings):
     field = write_analytic_field(tmp_path / "field", spec)
     masks = write_masks(tmp_path / "masks", AnalyticField(spec), views=12, size=96, hull_spec=SPHERE, heights=heights)
+    if erode_first_mask_px:
+        first = masks.dir / json.loads(masks.transforms.read_text())["frames"][0]["mask_path"]
+        image = cv2.imread(str(first), cv2.IMREAD_GRAYSCALE)
+        cv2.imwrite(str(first), cv2.erode(image, np.ones((2 * erode_first_mask_px + 1,) * 2, np.uint8)))
     asset = extract_mesh(field, masks, tmp_path / "mesh", replace(FUSED, **settings), fingerprint="fp")
     metrics = json.loads(asset.metrics.read_text())
     glb = trimesh.load(asset.glb, force="mesh")
@@ -59,6 +64,18 @@ def test_base_closes_what_no_camera_sees(tmp_path):
     _, open_glb, open_metrics = fused_mesh(tmp_path / "open", SPHERE, heights=(1.0, 1.5), close_base=False)
     assert "base_z" not in open_metrics["fusion"]
     assert open_glb.volume < 0.6 * glb.volume
+
+
+def test_one_short_mask_does_not_cut_into_the_product(tmp_path):
+    """One of 12 masks eroded by 8 px (a shadow at the base, a soft edge): its background votes
+    stay under ``fusion_carve_fraction`` and the sphere keeps its volume; carving on any single
+    vote (the visual hull's rule) would cut a groove into it."""
+    heights = (1.5, 0.0, -1.5)
+    _, glb, _ = fused_mesh(tmp_path / "robust", SPHERE, heights, erode_first_mask_px=8, close_base=False, hull_cull=False)
+    assert glb.volume == pytest.approx(SPHERE_VOLUME, rel=0.06)
+    _, strict, _ = fused_mesh(tmp_path / "strict", SPHERE, heights, erode_first_mask_px=8, close_base=False,
+                              hull_cull=False, fusion_carve_fraction=0.0)
+    assert strict.volume < 0.9 * glb.volume
 
 
 def _shell(n: int = 24, lo: int = 6, hi: int = 18) -> tuple[np.ndarray, np.ndarray]:
