@@ -47,7 +47,7 @@ def sweep(run: Path, turntable: Path, overrides: list[str], device: str) -> list
             v, f = geo.grid_to_mesh(grid, box, level)
         except geo.EmptyFieldError:
             continue
-        v, f, _ = clean_surface(v, f, masks, settings)
+        v, f, _ = clean_surface(v, f, masks, settings, settings.hull_cull)
         v, f = geo.decimate(v, f, settings.max_triangles)
         estimate = trimesh.Trimesh(vertices=s * v @ R.T + t, faces=f, process=False)
         row = {"level": level, "silhouette_iou": round(scores.get(level, float("nan")), 4), "chosen": level == chosen}

@@ -168,15 +168,16 @@ def cull_outside_hull(vertices: np.ndarray, faces: np.ndarray, masks: MaskSet, s
 
 
 def clean_surface(
-    vertices: np.ndarray, faces: np.ndarray, masks: MaskSet, settings: MeshSettings
+    vertices: np.ndarray, faces: np.ndarray, masks: MaskSet, settings: MeshSettings, hull_cull: bool | None = None
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Marching cubes' raw surface → the product: hull cull, main components, Taubin smoothing.
 
-    Returns the cleaned ``vertices [V, 3]``, ``faces [F, 3]`` and what each step removed.
+    ``hull_cull`` defaults to ``settings.hull_cull``. Returns the cleaned ``vertices [V, 3]``,
+    ``faces [F, 3]`` and what each step removed.
     """
     raw_triangles = len(faces)
     cull_method = "off"
-    if settings.hull_cull:
+    if settings.hull_cull if hull_cull is None else hull_cull:
         vertices, faces, cull_method = cull_outside_hull(vertices, faces, masks, settings)
     culled = raw_triangles - len(faces)
     vertices, faces, dropped = geo.keep_main_components(vertices, faces, settings.keep_component_fraction)
@@ -184,16 +185,22 @@ def clean_surface(
     return vertices, faces, {"hull_cull": cull_method, "triangles_culled_by_hull": culled, "components_dropped": dropped}
 
 
+def fusion_settings(settings: MeshSettings) -> FusionSettings:
+    """The fusion's settings from the mesh stage's ``fusion_*`` and base keys."""
+    return FusionSettings(
+        views=settings.fusion_views, long_side=settings.fusion_long_side, truncation_voxels=settings.fusion_truncation_voxels,
+        min_alpha=settings.fusion_min_alpha, close_base=settings.close_base, base_percentile=settings.base_percentile,
+        base_thickness_voxels=settings.base_thickness_voxels, open_fraction=settings.fusion_open_fraction,
+        carve_fraction=settings.fusion_carve_fraction,
+    )
+
+
 def _surface(radiance, masks: MaskSet, box: np.ndarray, settings: MeshSettings, device: str, lap) -> tuple[np.ndarray, np.ndarray, dict]:
     """Marching cubes of the product in ``box``: of the fused depth (``surface: depth_fusion``) or
     of a density level chosen against the masks (``surface: density``). Returns vertices, faces
     and a record for metrics.json."""
     if settings.surface == "depth_fusion":
-        fusion = FusionSettings(settings.fusion_views, settings.fusion_long_side, settings.fusion_truncation_voxels,
-                                settings.fusion_min_alpha, settings.close_base, settings.base_percentile,
-                                settings.base_thickness_voxels, settings.fusion_open_fraction,
-                                settings.fusion_carve_fraction)
-        tsdf, record = fuse_depth(radiance, box, settings.grid_resolution, Path(masks.transforms), fusion, device)
+        tsdf, record = fuse_depth(radiance, box, settings.grid_resolution, Path(masks.transforms), fusion_settings(settings), device)
         lap("fusion")
         if not (tsdf < 0).any() or not (tsdf > 0).any():
             raise geo.EmptyFieldError(
@@ -374,7 +381,9 @@ def extract_mesh(
     voxel = float(np.mean((box[1] - box[0]) / (settings.grid_resolution - 1)))
     vertices, faces, surface = _surface(radiance, masks, box, settings, device, lap)
     raw_triangles = len(faces)
-    vertices, faces, cleaning = clean_surface(vertices, faces, masks, settings)
+    # A fused surface was carved by the masks already, with a vote that forgives one short mask;
+    # the segment stage's hull grid would also cut away the closed base, which lies on its edge.
+    vertices, faces, cleaning = clean_surface(vertices, faces, masks, settings, settings.hull_cull and settings.surface == "density")
     clean_triangles = len(faces)
     lap("cleaning")
 

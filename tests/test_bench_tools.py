@@ -57,3 +57,32 @@ def test_targets_flag_met_missed_and_unmeasured_figures():
     assert rows["held-out PSNR, dB"]["met"] is None  # not measured is not a pass
     assert rows["F-score @ 1 %"]["met"] is None
     assert "all stages, s (2 cores)" not in rows  # the cpu-profile bound is not applied to a gpu run
+
+
+def test_true_depth_field_renders_distance_along_each_ray():
+    """bench.fusion_ceiling renders a mesh's depth for the fusion: distance along each pixel's ray
+    (not z-depth), with pixels and principal point in our convention."""
+    import pytest
+
+    pytest.importorskip("pyrender")
+    import torch
+    import trimesh
+
+    from bench.fusion_ceiling import TrueDepthField
+    from tasks.nerf.rays import pixel_rays
+
+    field = TrueDepthField(trimesh.creation.icosphere(subdivisions=5, radius=0.5))
+    c2w = torch.eye(4)
+    c2w[2, 3] = 3.0  # looking down -z at the sphere from 3 units
+    k = torch.tensor([60.0, 60.0, 30.0, 20.0])  # principal point off centre on purpose
+    out = field.render(c2w, k, 64, 48)
+    v, u = torch.meshgrid(torch.arange(48), torch.arange(64), indexing="ij")
+    origins, dirs = pixel_rays(c2w, k, torch.stack([u.reshape(-1), v.reshape(-1)], -1))
+    b = (dirs * origins).sum(-1)
+    disc = b**2 - (origins * origins).sum(-1) + 0.25
+    hit = disc > 0
+    t = (-b - disc.clamp(min=0).sqrt()).reshape(48, 64)
+    alpha = out["alpha"] > 0
+    assert (alpha == hit.reshape(48, 64)).float().mean() > 0.97
+    both = alpha & hit.reshape(48, 64)
+    assert (out["depth"][both] - t[both]).abs().median() < 0.005

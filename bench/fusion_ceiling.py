@@ -1,0 +1,96 @@
+"""What the fused surface would be with perfect depth: the true mesh's depth, our cameras and masks.
+
+    python -m bench.fusion_ceiling --run bench-out/gpu --turntable .benchdata/mac1080 [mesh overrides]
+
+``--run`` is a ``bench.run_stages`` output folder (its ``records.json``; only the frames, colmap
+and segment records are used, so a run stopped after segment will do). The true mesh is moved
+into the run's normalised world through the solved cameras and rendered (pyrender, exact depth)
+in place of the trained field; the mesh stage's fusion, base and cleaning then run as usual and
+the result is measured against the truth. Against a real run's figures this separates what the
+NeRF's depth costs from what the cameras, masks and the fusion itself cost. Needs pyrender
+(the ``render`` extra) and an OpenGL context (``PYOPENGL_PLATFORM=osmesa`` headless).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import trimesh
+from torch import Tensor
+
+from bench import quality
+from bench.records import load_records
+from flows.config import compose_config
+from tasks import mesh_geometry as geo
+from tasks.mesh import MeshSettings, clean_surface, fusion_settings, meshing_box
+from tasks.mesh_fusion import fuse_depth
+
+
+class TrueDepthField:
+    """The parts of :class:`tasks.nerf.base.RadianceField` fusion uses, rendered from a mesh."""
+
+    def __init__(self, mesh: trimesh.Trimesh) -> None:
+        import pyrender
+
+        self._pyrender = pyrender
+        self.scene = pyrender.Scene()
+        self.scene.add(pyrender.Mesh.from_trimesh(mesh, smooth=False))
+        self.camera = None
+        self.aabb = torch.tensor(mesh.bounds, dtype=torch.float32)
+
+    def render(self, c2w: Tensor, intrinsics: Tensor, width: int, height: int) -> dict[str, Tensor]:
+        """``alpha [H, W]`` (0 or 1) and ``depth [H, W]`` (distance along each pixel's ray)."""
+        fx, fy, cx, cy = (float(v) for v in intrinsics)
+        if self.camera is not None:
+            self.scene.remove_node(self.camera)
+        camera = self._pyrender.IntrinsicsCamera(fx, fy, cx, cy, znear=1e-3, zfar=1e3)
+        self.camera = self.scene.add(camera, pose=c2w.double().numpy())
+        renderer = self._pyrender.OffscreenRenderer(width, height)
+        try:
+            z = renderer.render(self.scene, flags=self._pyrender.RenderFlags.DEPTH_ONLY)
+        finally:
+            renderer.delete()
+        u, v = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+        along_ray = np.sqrt(((u - cx) / fx) ** 2 + ((v - cy) / fy) ** 2 + 1.0)  # z-depth → ray length
+        return {"alpha": torch.from_numpy((z > 0).astype(np.float32)), "depth": torch.from_numpy((z * along_ray).astype(np.float32))}
+
+
+def ceiling(run: Path, turntable: Path, overrides: list[str]) -> dict[str, Any]:
+    records = load_records(run)
+    stills, rig, masks = records["frames"], records["colmap"], records["segment"]
+    settings = MeshSettings(**compose_config(overrides)["mesh"])
+    s, R, t = quality.world_to_truth(stills.index, rig.transforms, turntable / "truth")
+    truth = trimesh.load(turntable / "truth" / "mesh.ply", force="mesh")
+    normalised = trimesh.Trimesh((np.asarray(truth.vertices) - t) @ R / s, truth.faces, process=False)
+    field = TrueDepthField(normalised)
+    box = meshing_box(normalised.bounds + np.array([[-1.0], [1.0]]) * 0.2 * normalised.extents, masks, settings)
+    started = time.perf_counter()
+    tsdf, record = fuse_depth(field, box, settings.grid_resolution, Path(masks.transforms), fusion_settings(settings), "cpu")
+    vertices, faces = geo.grid_to_mesh(-tsdf, box, 0.0)
+    vertices, faces, _ = clean_surface(vertices, faces, masks, settings, hull_cull=False)
+    estimate = trimesh.Trimesh(vertices=s * vertices @ R.T + t, faces=faces, process=False)
+    figures = quality.geometry_quality(estimate, turntable / "truth" / "mesh.ply")
+    return {"run": str(run), "overrides": overrides, "seconds": round(time.perf_counter() - started, 1),
+            "fusion": record, "quality": figures}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, required=True)
+    parser.add_argument("--turntable", type=Path, required=True)
+    parser.add_argument("--profile", default="gpu")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the mesh stage, e.g. mesh.fusion_views=32")
+    args = parser.parse_args()
+    result = ceiling(args.run, args.turntable, [f"profile={args.profile}", *args.overrides])
+    (args.run / "fusion_ceiling.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result["quality"].items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
