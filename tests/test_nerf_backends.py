@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import replace
 import math
 import os
 import subprocess
@@ -314,12 +315,21 @@ def test_nerfacto_end_to_end_against_stand_in_tools(masks, tmp_path, ns_env):
 def test_mesh_stage_meshes_a_nerfacto_field(masks, tmp_path, ns_env):
     settings = nerf_settings("nerf=nerfacto", f"nerf.env_path={ns_env}", "nerf.max_num_iterations=30", "nerf.mesh_field_resolution=96")
     trained = train_field(masks, tmp_path / "train", settings, "fp")
-    mesh_settings = MeshSettings(grid_resolution=48, texture_size=0, max_triangles=4000, min_triangles=1000, iso_levels=(5.0, 85.0, 288.0))
+    mesh_settings = MeshSettings(surface="density", grid_resolution=48, texture_size=0, max_triangles=4000,
+                                 min_triangles=1000, iso_levels=(5.0, 85.0, 288.0))
     asset = extract_mesh(trained, masks, tmp_path / "mesh", mesh_settings, "fp")
     bbox = json.loads(asset.metrics.read_text())["bbox_world_zup"]
     # The low iso-level the stage picks sits up to a voxel outside the mesh: 1.2 / 48 here.
     assert np.allclose(bbox["min"], SPHERE_BOX[0], atol=0.03) and np.allclose(bbox["max"], SPHERE_BOX[1], atol=0.03)
     assert asset.glb.stat().st_size > 0
+    # The fused surface works on a mesh-backed field too (it renders depth); the cameras look
+    # down on the sphere, so its unseen underside is closed flat above the true bottom.
+    fused = extract_mesh(trained, masks, tmp_path / "fused", replace(mesh_settings, surface="depth_fusion", fusion_views=8,
+                                                                       fusion_long_side=64), "fp")
+    metrics = json.loads(fused.metrics.read_text())
+    lo, hi = np.array(metrics["bbox_world_zup"]["min"]), np.array(metrics["bbox_world_zup"]["max"])
+    assert np.allclose(lo[:2], SPHERE_BOX[0][:2], atol=0.03) and np.allclose(hi, SPHERE_BOX[1], atol=0.03)
+    assert SPHERE_BOX[0][2] < metrics["fusion"]["base_z"] <= lo[2] + 0.03
 
 
 def _alive(pid: int) -> bool:
