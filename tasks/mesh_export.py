@@ -289,6 +289,14 @@ def read_glb(data: bytes | Path) -> dict:
     }
 
 
+def _rows(fmt: str, array: np.ndarray) -> str:
+    """``fmt`` applied to every row of ``array`` ``[N, K]``, one line each (what ``np.savetxt``
+    writes, in one %-format call: several times faster on the 100k-triangle web asset)."""
+    if len(array) == 0:
+        return ""
+    return ((fmt + "\n") * len(array)) % tuple(array.ravel().tolist())
+
+
 def write_obj(
     obj_path: Path,
     vertices: np.ndarray,
@@ -320,17 +328,17 @@ def write_obj(
     buf.write(f"mtllib {mtl_path.name}\n")
     textured = uv is not None and texture_name is not None
     if colors_srgb is not None and not textured:
-        np.savetxt(buf, np.concatenate([vertices, np.clip(colors_srgb, 0, 1)], 1), fmt="v %.6f %.6f %.6f %.4f %.4f %.4f")
+        buf.write(_rows("v %.6f %.6f %.6f %.4f %.4f %.4f", np.concatenate([vertices, np.clip(colors_srgb, 0, 1)], 1)))
     else:
-        np.savetxt(buf, vertices, fmt="v %.6f %.6f %.6f")
+        buf.write(_rows("v %.6f %.6f %.6f", vertices))
     if textured:
-        np.savetxt(buf, uv, fmt="vt %.6f %.6f")
-    np.savetxt(buf, normals, fmt="vn %.4f %.4f %.4f")
+        buf.write(_rows("vt %.6f %.6f", uv))
+    buf.write(_rows("vn %.4f %.4f %.4f", normals))
     buf.write("usemtl product\n")
-    one_based = faces + 1
+    one_based = faces.astype(np.int64) + 1
     if textured:
-        np.savetxt(buf, np.repeat(one_based, 3, axis=1), fmt="f %d/%d/%d %d/%d/%d %d/%d/%d")
+        buf.write(_rows("f %d/%d/%d %d/%d/%d %d/%d/%d", np.repeat(one_based, 3, axis=1)))
     else:
-        np.savetxt(buf, np.repeat(one_based, 2, axis=1), fmt="f %d//%d %d//%d %d//%d")
+        buf.write(_rows("f %d//%d %d//%d %d//%d", np.repeat(one_based, 2, axis=1)))
     obj_path.write_text(buf.getvalue())
     return obj_path
