@@ -28,7 +28,7 @@ from bench import quality
 from bench.records import load_records
 from flows.config import compose_config
 from tasks import mesh_geometry as geo
-from tasks.mesh import MeshSettings, clean_surface, fusion_settings, meshing_box
+from tasks.mesh import MeshSettings, clean_surface, meshing_box
 from tasks.mesh_fusion import fuse_depth
 
 
@@ -71,7 +71,7 @@ def ceiling(run: Path, turntable: Path, overrides: list[str]) -> dict[str, Any]:
     field = TrueDepthField(normalised)
     box = meshing_box(normalised.bounds + np.array([[-1.0], [1.0]]) * 0.2 * normalised.extents, masks, settings)
     started = time.perf_counter()
-    tsdf, record = fuse_depth(field, box, settings.grid_resolution, Path(masks.transforms), fusion_settings(settings), "cpu")
+    tsdf, record = fuse_depth(field, box, settings.grid_resolution, Path(masks.transforms), settings.fusion, "cpu")
     vertices, faces = geo.grid_to_mesh(-tsdf, box, 0.0)
     vertices, faces, _ = clean_surface(vertices, faces, masks, settings, hull_cull=False)
     estimate = trimesh.Trimesh(vertices=s * vertices @ R.T + t, faces=faces, process=False)
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--turntable", type=Path, required=True)
     parser.add_argument("--profile", default="gpu")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the mesh stage, e.g. mesh.fusion_views=32")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the mesh stage, e.g. mesh.fusion.views=32")
     args = parser.parse_args()
     result = ceiling(args.run, args.turntable, [f"profile={args.profile}", *args.overrides])
     (args.run / "fusion_ceiling.json").write_text(json.dumps(result, indent=1))

@@ -1,7 +1,7 @@
 """The mesh stage run again on one trained field with other settings, each measured against the truth.
 
     python -m bench.mesh_variants --run bench-out/gpu --turntable .benchdata/basket1080 \\
-        --variant "mesh.surface=density" --variant "mesh.surface=depth_fusion mesh.close_base=false"
+        --variant "mesh.surface=density" --variant "mesh.surface=depth_fusion mesh.fusion.close_base=false"
 
 ``--run`` is a ``bench.run_stages`` output folder (its ``records.json``); every ``--variant`` is
 a space-separated list of Hydra overrides on top of ``profile=<--profile>``. Each variant is the

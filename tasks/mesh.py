@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
@@ -88,15 +89,7 @@ class MeshSettings:
     unwrap_pack_scale: float = 0.5
     unwrap_faces_per_part: int = 6000
     usdz: bool = True
-    fusion_views: int = 64
-    fusion_long_side: int = 384
-    fusion_truncation_voxels: float = 4.0
-    fusion_min_alpha: float = 0.5
-    close_base: bool = True
-    base_percentile: float = 0.1
-    base_thickness_voxels: float = 2.0
-    fusion_open_fraction: float = 0.05
-    fusion_carve_fraction: float = 0.1
+    fusion: FusionSettings = dataclass_field(default_factory=FusionSettings)
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> None:
@@ -104,8 +97,8 @@ class MeshSettings:
 
         if self.surface not in ("depth_fusion", "density"):
             bad("surface", "choose 'depth_fusion' (fused rendered depth, carved by the masks) or 'density' (a density level)")
-        if self.fusion_views < 1 or self.fusion_long_side < 16 or self.fusion_truncation_voxels <= 0:
-            bad("fusion_views", "fusion_views ≥ 1, fusion_long_side ≥ 16 and fusion_truncation_voxels > 0 are needed")
+        if isinstance(self.fusion, dict):  # from Hydra: the yaml's nested mapping
+            object.__setattr__(self, "fusion", FusionSettings(**self.fusion))
         if self.grid_box not in ("hull", "field"):
             bad("grid_box", "choose 'hull' (the masks' box, padded) or 'field' (the field's aabb)")
         if self.texture_format not in ("png", "jpeg"):
@@ -185,22 +178,12 @@ def clean_surface(
     return vertices, faces, {"hull_cull": cull_method, "triangles_culled_by_hull": culled, "components_dropped": dropped}
 
 
-def fusion_settings(settings: MeshSettings) -> FusionSettings:
-    """The fusion's settings from the mesh stage's ``fusion_*`` and base keys."""
-    return FusionSettings(
-        views=settings.fusion_views, long_side=settings.fusion_long_side, truncation_voxels=settings.fusion_truncation_voxels,
-        min_alpha=settings.fusion_min_alpha, close_base=settings.close_base, base_percentile=settings.base_percentile,
-        base_thickness_voxels=settings.base_thickness_voxels, open_fraction=settings.fusion_open_fraction,
-        carve_fraction=settings.fusion_carve_fraction,
-    )
-
-
 def _surface(radiance, masks: MaskSet, box: np.ndarray, settings: MeshSettings, device: str, lap) -> tuple[np.ndarray, np.ndarray, dict]:
     """Marching cubes of the product in ``box``: of the fused depth (``surface: depth_fusion``) or
     of a density level chosen against the masks (``surface: density``). Returns vertices, faces
     and a record for metrics.json."""
     if settings.surface == "depth_fusion":
-        tsdf, record = fuse_depth(radiance, box, settings.grid_resolution, Path(masks.transforms), fusion_settings(settings), device)
+        tsdf, record = fuse_depth(radiance, box, settings.grid_resolution, Path(masks.transforms), settings.fusion, device)
         lap("fusion")
         if not (tsdf < 0).any() or not (tsdf > 0).any():
             raise geo.EmptyFieldError(

@@ -37,17 +37,32 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FusionSettings:
-    """What :func:`fuse_depth` needs (the mesh stage fills it from its ``fusion_*`` keys)."""
+    """The fused surface's settings: ``mesh.fusion`` in conf/mesh/*.yaml documents each key."""
 
     views: int = 64
     long_side: int = 384
     truncation_voxels: float = 4.0
     min_alpha: float = 0.5
+    carve_fraction: float = 0.1
+    open_fraction: float = 0.05
     close_base: bool = True
     base_percentile: float = 0.1
     base_thickness_voxels: float = 2.0
-    open_fraction: float = 0.05
-    carve_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        checks = {
+            "views": self.views >= 1, "long_side": self.long_side >= 16, "truncation_voxels": self.truncation_voxels > 0,
+            "min_alpha": 0 < self.min_alpha < 1, "carve_fraction": 0 <= self.carve_fraction < 1,
+            "open_fraction": 0 <= self.open_fraction < 1, "base_percentile": 0 <= self.base_percentile < 100,
+            "base_thickness_voxels": self.base_thickness_voxels >= 0,
+        }
+        bad = [key for key, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(
+                "mesh.fusion: " + ", ".join(f"{key}={getattr(self, key)!r}" for key in bad) + " out of range "
+                "(views ≥ 1, long_side ≥ 16, truncation_voxels > 0, min_alpha in (0, 1), fractions in [0, 1), "
+                "base_percentile in [0, 100), base_thickness_voxels ≥ 0)"
+            )
 
 
 def _undistorted_mask(path: Path, intrinsics: np.ndarray, distortion: np.ndarray, size: tuple[int, int]) -> np.ndarray:

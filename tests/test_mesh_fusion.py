@@ -12,12 +12,12 @@ import torch
 import trimesh
 
 from tasks.mesh import MeshSettings, extract_mesh
-from tasks.mesh_fusion import fill_hidden
+from tasks.mesh_fusion import FusionSettings, fill_hidden
 from tasks.nerf.rays import composite
 from tests.analytic_field import AnalyticField, SphereSpec, write_analytic_field, write_masks
 from tests.test_mesh import FAST, SPHERE, WITH_FLOATER, CENTRE, to_world
 
-FUSED = replace(FAST, surface="depth_fusion", fusion_views=12, fusion_long_side=96)
+FUSED = replace(FAST, surface="depth_fusion", fusion=FusionSettings(views=12, long_side=96))
 SPHERE_VOLUME = 4 / 3 * np.pi * SPHERE.radius**3
 
 
@@ -28,7 +28,8 @@ def fused_mesh(tmp_path, spec: SphereSpec, heights: tuple[float, ...], erode_fir
         first = masks.dir / json.loads(masks.transforms.read_text())["frames"][0]["mask_path"]
         image = cv2.imread(str(first), cv2.IMREAD_GRAYSCALE)
         cv2.imwrite(str(first), cv2.erode(image, np.ones((2 * erode_first_mask_px + 1,) * 2, np.uint8)))
-    asset = extract_mesh(field, masks, tmp_path / "mesh", replace(FUSED, **settings), fingerprint="fp")
+    fusion = {k: settings.pop(k) for k in list(settings) if k in FusionSettings.__dataclass_fields__}
+    asset = extract_mesh(field, masks, tmp_path / "mesh", replace(FUSED, fusion=replace(FUSED.fusion, **fusion), **settings), fingerprint="fp")
     metrics = json.loads(asset.metrics.read_text())
     glb = trimesh.load(asset.glb, force="mesh")
     return to_world(np.asarray(glb.vertices)), glb, metrics
@@ -68,13 +69,13 @@ def test_base_closes_what_no_camera_sees(tmp_path):
 
 def test_one_short_mask_does_not_cut_into_the_product(tmp_path):
     """One of 12 masks eroded by 8 px (a shadow at the base, a soft edge): its background votes
-    stay under ``fusion_carve_fraction`` and the sphere keeps its volume; carving on any single
+    stay under ``mesh.fusion.carve_fraction`` and the sphere keeps its volume; carving on any single
     vote (the visual hull's rule) would cut a groove into it."""
     heights = (1.5, 0.0, -1.5)
     _, glb, _ = fused_mesh(tmp_path / "robust", SPHERE, heights, erode_first_mask_px=8, close_base=False, hull_cull=False)
     assert glb.volume == pytest.approx(SPHERE_VOLUME, rel=0.06)
     _, strict, _ = fused_mesh(tmp_path / "strict", SPHERE, heights, erode_first_mask_px=8, close_base=False,
-                              hull_cull=False, fusion_carve_fraction=0.0)
+                              hull_cull=False, carve_fraction=0.0)
     assert strict.volume < 0.9 * glb.volume
 
 
@@ -120,5 +121,6 @@ def test_median_depth_is_where_opacity_crosses_one_half():
 def test_fusion_settings_are_checked():
     with pytest.raises(ValueError, match="mesh.surface"):
         MeshSettings(surface="poisson")
-    with pytest.raises(ValueError, match="fusion_views"):
-        MeshSettings(fusion_views=0)
+    with pytest.raises(ValueError, match=r"mesh.fusion: views=0"):
+        MeshSettings(fusion={"views": 0})
+    assert MeshSettings(fusion={"views": 8}).fusion == FusionSettings(views=8)  # Hydra hands a mapping

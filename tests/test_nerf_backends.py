@@ -324,8 +324,8 @@ def test_mesh_stage_meshes_a_nerfacto_field(masks, tmp_path, ns_env):
     assert asset.glb.stat().st_size > 0
     # The fused surface works on a mesh-backed field too (it renders depth); the cameras look
     # down on the sphere, so its unseen underside is closed flat above the true bottom.
-    fused = extract_mesh(trained, masks, tmp_path / "fused", replace(mesh_settings, surface="depth_fusion", fusion_views=8,
-                                                                       fusion_long_side=64), "fp")
+    fused = extract_mesh(trained, masks, tmp_path / "fused", replace(mesh_settings, surface="depth_fusion",
+                                                                       fusion={"views": 8, "long_side": 64}), "fp")
     metrics = json.loads(fused.metrics.read_text())
     lo, hi = np.array(metrics["bbox_world_zup"]["min"]), np.array(metrics["bbox_world_zup"]["max"])
     assert np.allclose(lo[:2], SPHERE_BOX[0][:2], atol=0.03) and np.allclose(hi, SPHERE_BOX[1], atol=0.03)
