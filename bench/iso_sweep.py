@@ -51,7 +51,7 @@ def sweep(run: Path, turntable: Path, overrides: list[str], device: str) -> list
         v, f = geo.decimate(v, f, settings.max_triangles)
         estimate = trimesh.Trimesh(vertices=s * v @ R.T + t, faces=f, process=False)
         row = {"level": level, "silhouette_iou": round(scores.get(level, float("nan")), 4), "chosen": level == chosen}
-        row.update({k: round(x, 5) if isinstance(x, float) else x for k, x in quality.geometry_quality(estimate, turntable / "truth" / "mesh.ply").items()})
+        row.update(quality.rounded_geometry(estimate, turntable / "truth" / "mesh.ply"))
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -68,9 +68,7 @@ def main() -> None:
     rows = sweep(args.run, args.turntable, [f"profile={args.profile}", *args.overrides], args.device)
     (args.run / "iso_sweep.json").write_text(json.dumps(rows, indent=1))
     keys = ["level", "silhouette_iou", "chosen", "chamfer_of_diag", "fscore_1pct", "chamfer_of_diag_icp", "fscore_1pct_icp"]
-    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-    for r in rows:
-        print("| " + " | ".join(str(r.get(k)) for k in keys) + " |")
+    print(quality.markdown_table(rows, keys))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def run_variants(run: Path, turntable: Path, profile: str, variants: list[str], 
         metrics = json.loads(Path(asset.metrics).read_text())
         row: dict[str, Any] = {"variant": variant or "(preset)", "seconds": round(seconds, 2), "triangles": asset.triangles,
                                "glb_bytes": metrics["glb_bytes"], "stage_seconds": metrics["seconds"]}
-        row.update({k: round(v, 5) if isinstance(v, float) else v for k, v in quality.geometry_quality(estimate, turntable / "truth" / "mesh.ply").items()})
+        row.update(quality.rounded_geometry(estimate, turntable / "truth" / "mesh.ply"))
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -56,9 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = run_variants(args.run, args.turntable, args.profile, args.variant or [""], args.device)
     (args.run / f"{args.name}.json").write_text(json.dumps(rows, indent=1))
-    print("| " + " | ".join(KEYS) + " |\n|" + "---|" * len(KEYS))
-    for r in rows:
-        print("| " + " | ".join(str(r.get(k)) for k in KEYS) + " |")
+    print(quality.markdown_table(rows, KEYS))
 
 
 if __name__ == "__main__":

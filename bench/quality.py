@@ -142,6 +142,18 @@ def geometry_quality(estimate: trimesh.Trimesh, truth_mesh: Path, samples: int =
     return figures
 
 
+def rounded_geometry(estimate: trimesh.Trimesh, truth_mesh: Path) -> dict[str, float | None]:
+    """:func:`geometry_quality` with its figures rounded for a table row."""
+    return {k: round(v, 5) if isinstance(v, float) else v for k, v in geometry_quality(estimate, truth_mesh).items()}
+
+
+def markdown_table(rows: list[dict], keys: list[str] | tuple[str, ...]) -> str:
+    """``rows`` as a Markdown table of ``keys`` (missing values print as None)."""
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(row.get(k)) for k in keys) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def run_figures(train_metrics: dict, mesh_metrics: dict) -> dict[str, float | int | None]:
     """The figures every run records in its stages' metrics.json (train: PSNR and SSIM on object
     pixels of the held-out frames, training time, peak memory; mesh: triangles, file sizes)."""
