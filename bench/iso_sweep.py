@@ -23,7 +23,8 @@ from bench import quality
 from bench.records import load_records
 from flows.config import compose_config
 from tasks import mesh_geometry as geo
-from tasks.mesh import MeshSettings, clean_surface, meshing_box
+from tasks.mesh import MeshSettings
+from tasks.mesh_surface import clean_surface, meshing_box
 from tasks.mesh_iso import choose_iso_level, silhouette_iou
 from tasks.nerf.base import get_backend
 

@@ -1,11 +1,14 @@
 """mesh stage: a trained radiance field → a light web asset (GLB) and the seed's OBJ + MTL.
 
-Steps: density on a grid → marching cubes → keep the product (visual-hull cull, largest
-components) → Taubin smoothing → quadric decimation → colours from the field (vertex
+Steps: the product's surface (the field's rendered depth fused into a signed distance and
+carved by the masks, tasks/mesh_fusion.py; or a density level chosen against the masks) →
+marching cubes → keep the product (largest components; the visual-hull cull on a density
+surface) → Taubin smoothing → quadric decimation → colours from the field (vertex
 colours, and a baked xatlas texture) → GLB (+Y up, PBR metallic 0, KHR_mesh_quantization) and
 OBJ + MTL within ``max_glb_bytes``. The triangle budget is planned before unwrapping from a
 byte model of the GLB; the texture encoding is then fitted to the real bake, and a second
-(last) round runs only if the real file is still over. Geometry lives in
+(last) round runs only if the real file is still over. The surface and its clean-up live in
+tasks/mesh_surface.py and tasks/mesh_fusion.py, geometry helpers in
 tasks/mesh_geometry.py, colour in tasks/mesh_texture.py, UVs in tasks/mesh_unwrap.py,
 writers in tasks/mesh_export.py, the USDZ for Quick Look in tasks/mesh_usdz.py.
 """
@@ -18,15 +21,14 @@ import time
 from dataclasses import asdict, dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
 
 from tasks import mesh_geometry as geo
-from tasks.mesh_fusion import FusionSettings, fuse_depth
-from tasks.mesh_iso import choose_iso_level, silhouette_iou
+from tasks.mesh_fusion import FusionSettings
 from tasks.mesh_export import Z_UP_TO_Y_UP, estimate_glb_bytes, glb_bytes, write_obj
+from tasks.mesh_surface import clean_surface, meshing_box, product_surface
 from tasks.mesh_texture import bake_texture, encode_image, linear_to_srgb, shade, srgb_to_linear
 from tasks.mesh_unwrap import unwrap
 from tasks.mesh_usdz import export_usdz
@@ -123,90 +125,6 @@ class MeshSettings:
             bad("unwrap_faces_per_part", "use 0 (one piece) or a positive face count")
         if not 0.0 < self.unwrap_pack_scale <= 1.0:
             bad("unwrap_pack_scale", "must be within (0, 1]")
-
-
-def meshing_box(field_aabb: np.ndarray, masks: MaskSet, settings: MeshSettings) -> np.ndarray:
-    """``[2, 3]`` box to sample: the hull's aabb padded by ``hull_padding`` × its size, inside the field's aabb."""
-    if settings.grid_box == "field":
-        return field_aabb
-    hull = np.asarray(geo.load_hull(masks.hull)["aabb"])
-    pad = (hull[1] - hull[0]) * settings.hull_padding
-    box = np.stack([np.maximum(hull[0] - pad, field_aabb[0]), np.minimum(hull[1] + pad, field_aabb[1])])
-    if np.any(box[1] <= box[0]):
-        raise ValueError(
-            f"the hull box {hull.tolist()} in {masks.hull} does not overlap the field's aabb {field_aabb.tolist()}: "
-            "the segment and train stages disagree on the world; set mesh.grid_box=field to mesh the whole field"
-        )
-    return box
-
-
-def cull_outside_hull(vertices: np.ndarray, faces: np.ndarray, masks: MaskSet, settings: MeshSettings) -> tuple[np.ndarray, np.ndarray, str]:
-    """Drop faces whose centroid is outside the masks' visual hull; returns the method used."""
-    centroids = vertices[faces].mean(1)
-    hull = geo.load_hull(masks.hull)
-    if "grid" in hull:
-        keep = geo.inside_hull_grid(centroids, hull["grid"], hull["grid_aabb"], settings.hull_grid_dilate_voxels)
-        method = "hull_grid"
-    else:
-        inside, seen = geo.mask_votes(centroids, masks.transforms, settings.hull_max_views, settings.mask_dilate_px)
-        keep = (seen == 0) | (inside >= settings.hull_vote_fraction * seen)
-        method = "mask_votes"
-    if not keep.any():
-        raise ValueError(
-            f"every face lies outside the visual hull ({method}): the masks and the field disagree "
-            "(check the cameras in the MaskSet's transforms.json), or set mesh.hull_cull=false"
-        )
-    v, f = geo.drop_unused_vertices(vertices, faces[keep])
-    return v, f, method
-
-
-def clean_surface(
-    vertices: np.ndarray, faces: np.ndarray, masks: MaskSet, settings: MeshSettings, hull_cull: bool | None = None
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Marching cubes' raw surface → the product: hull cull, main components, Taubin smoothing.
-
-    ``hull_cull`` defaults to ``settings.hull_cull``. Returns the cleaned ``vertices [V, 3]``,
-    ``faces [F, 3]`` and what each step removed.
-    """
-    raw_triangles = len(faces)
-    cull_method = "off"
-    if settings.hull_cull if hull_cull is None else hull_cull:
-        vertices, faces, cull_method = cull_outside_hull(vertices, faces, masks, settings)
-    culled = raw_triangles - len(faces)
-    vertices, faces, dropped = geo.keep_main_components(vertices, faces, settings.keep_component_fraction)
-    vertices = geo.taubin_smooth(vertices, faces, settings.smooth_iterations, settings.smooth_lambda, settings.smooth_mu)
-    return vertices, faces, {"hull_cull": cull_method, "triangles_culled_by_hull": culled, "components_dropped": dropped}
-
-
-def _surface(radiance, masks: MaskSet, box: np.ndarray, settings: MeshSettings, device: str, lap) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Marching cubes of the product in ``box``: of the fused depth (``surface: depth_fusion``) or
-    of a density level chosen against the masks (``surface: density``). Returns vertices, faces
-    and a record for metrics.json."""
-    if settings.surface == "depth_fusion":
-        tsdf, record = fuse_depth(radiance, box, settings.grid_resolution, Path(masks.transforms), settings.fusion, device)
-        lap("fusion")
-        if not (tsdf < 0).any() or not (tsdf > 0).any():
-            raise geo.EmptyFieldError(
-                f"the fused depth of {masks.transforms} holds no surface in the meshing box ({record}): the field "
-                "renders nothing opaque where the masks show the product; check training, or try mesh.surface=density"
-            )
-        vertices, faces = geo.grid_to_mesh(-tsdf, box, 0.0)
-        lap("marching_cubes")
-        return vertices, faces, {"surface": "depth_fusion", "fusion": record}
-    grid = geo.sample_density_grid(radiance, box, settings.grid_resolution, settings.chunk_points, device)
-    lap("grid")
-    level, iso_scores = settings.density_threshold, {}
-    if settings.iso_levels:
-        axes = [np.linspace(box[0, k], box[1, k], settings.grid_resolution) for k in range(3)]
-        iso_scores = silhouette_iou(
-            grid, axes, Path(masks.transforms), settings.iso_levels, settings.iso_views, settings.iso_work_px
-        )
-        level = choose_iso_level(iso_scores, settings.iso_tolerance)
-    lap("iso_level")
-    vertices, faces = geo.grid_to_mesh(grid, box, level)
-    lap("marching_cubes")
-    return vertices, faces, {"surface": "density", "iso_level": level,
-                             "iso_silhouette_iou": {str(k): round(v, 4) for k, v in iso_scores.items()}}
 
 
 def _encode(image_field: np.ndarray, size: int, fmt: str, quality: int, field_space: str) -> bytes:
@@ -362,7 +280,7 @@ def extract_mesh(
     field_aabb = radiance.aabb.detach().float().cpu().numpy().astype(np.float64).reshape(2, 3)
     box = meshing_box(field_aabb, masks, settings)
     voxel = float(np.mean((box[1] - box[0]) / (settings.grid_resolution - 1)))
-    vertices, faces, surface = _surface(radiance, masks, box, settings, device, lap)
+    vertices, faces, surface = product_surface(radiance, masks, box, settings, device, lap)
     raw_triangles = len(faces)
     # A fused surface was carved by the masks already, with a vote that forgives one short mask;
     # the segment stage's hull grid would also cut away the closed base, which lies on its edge.

@@ -8,7 +8,7 @@ Fusing those depths from many views into a truncated signed distance (Curless an
 nerfstudio's ``tsdf`` export does the same for its fields) gives one clean, closed wall.
 
 The masks say more than the depth: a pixel of background means the whole ray through it is
-empty, so every voxel that projects onto background is outside, whatever the field holds.
+empty, so a voxel that enough views see on background is outside, whatever the field holds.
 
 Space no camera sees (behind the surface from every view) is decided by what it touches
 (:func:`fill_hidden`): hidden space that opens onto space seen empty is empty (the depths of a
@@ -20,7 +20,6 @@ hull's wedge under it.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,6 @@ import torch
 from torch import Tensor
 
 from tasks.isolation_geometry import load_views
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -165,8 +162,8 @@ def fuse_depth(
         tsdf[:, :, below], observed[:, :, below] = trunc, True
         # Hidden voxels just above the base become a floor: it closes the product where it stood
         # and keeps the hidden space above it from counting as open to the outside below.
-        slab = ~observed[:, :, floor]
-        tsdf[:, :, floor] = torch.where(slab, torch.full_like(tsdf[:, :, floor], -trunc), tsdf[:, :, floor])
+        hidden_floor = ~observed[:, :, floor]
+        tsdf[:, :, floor] = torch.where(hidden_floor, torch.full_like(tsdf[:, :, floor], -trunc), tsdf[:, :, floor])
         observed[:, :, floor] = True
         record["base_z"] = base
     hidden = fill_hidden(observed.cpu().numpy(), (tsdf > 0).cpu().numpy(), settings.open_fraction)
