@@ -13,7 +13,6 @@ NeRF's depth costs from what the cameras, masks and the fusion itself cost. Need
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import trimesh
 from torch import Tensor
 
 from bench import quality
-from bench.records import load_records
+from bench.records import load_records, run_parser
 from flows.config import compose_config
 from tasks import mesh_geometry as geo
 from tasks.mesh import MeshSettings
@@ -82,10 +81,7 @@ def ceiling(run: Path, turntable: Path, overrides: list[str]) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, required=True)
-    parser.add_argument("--turntable", type=Path, required=True)
-    parser.add_argument("--profile", default="gpu")
+    parser = run_parser(__doc__)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the mesh stage, e.g. mesh.fusion.views=32")
     args = parser.parse_args()
     result = ceiling(args.run, args.turntable, [f"profile={args.profile}", *args.overrides])

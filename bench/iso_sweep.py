@@ -11,7 +11,6 @@ levels by. It shows whether the rule that picks the level picks a good one.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 import trimesh
 
 from bench import quality
-from bench.records import load_records
+from bench.records import load_records, run_parser
 from flows.config import compose_config
 from tasks import mesh_geometry as geo
 from tasks.mesh import MeshSettings
@@ -59,10 +58,7 @@ def sweep(run: Path, turntable: Path, overrides: list[str], device: str) -> list
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, required=True)
-    parser.add_argument("--turntable", type=Path, required=True)
-    parser.add_argument("--profile", default="gpu")
+    parser = run_parser(__doc__)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()

@@ -11,14 +11,13 @@ the table compares its Chamfer distance and F-score (camera-aligned and ICP-refi
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 from bench import quality
-from bench.records import load_records
+from bench.records import load_records, run_parser
 from flows.config import compose_config
 from tasks.mesh import MeshSettings, extract_mesh
 
@@ -46,10 +45,7 @@ def run_variants(run: Path, turntable: Path, profile: str, variants: list[str], 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, required=True)
-    parser.add_argument("--turntable", type=Path, required=True)
-    parser.add_argument("--profile", default="gpu")
+    parser = run_parser(__doc__)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--variant", action="append", default=[], help="space-separated overrides (repeatable)")
     parser.add_argument("--name", default="mesh_variants", help="results file name (without .json)")

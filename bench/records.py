@@ -6,6 +6,7 @@ a run copied elsewhere with what it points to (another machine, a device call) s
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -47,3 +48,13 @@ def load_records(run: Path) -> dict[str, Any]:
         name: getattr(types, entry["type"])(**{k: decode(v) for k, v in entry["fields"].items()})
         for name, entry in raw.items()
     }
+
+
+def run_parser(doc: str) -> argparse.ArgumentParser:
+    """A tool's command line with what every tool reading a ``bench.run_stages`` folder takes:
+    ``--run`` (the folder), ``--turntable`` (its input, with ``truth/``) and ``--profile``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, required=True, help="a bench.run_stages output folder (its records.json)")
+    parser.add_argument("--turntable", type=Path, required=True, help="folder with truth/ (and frames/)")
+    parser.add_argument("--profile", default="gpu")
+    return parser
