@@ -134,11 +134,31 @@ def geometry_quality(estimate: trimesh.Trimesh, truth_mesh: Path, samples: int =
     figures["underside_fraction"] = float(down.mean())
     figures["recall_1pct_icp_underside"] = float((d_true[down] < 0.01 * diag).mean()) if down.any() else None
     figures["recall_1pct_icp_rest"] = float((d_true[~down] < 0.01 * diag).mean())
+    figures.update(precision_by_facing(est_pts @ R.T + t, true_pts, np.asarray(truth.face_normals)[true_faces], diag))
     figures["icp_shift_m"] = float(np.linalg.norm(est_pts.mean(0) @ R.T + t - est_pts.mean(0)))
     figures["icp_rotation_deg"] = float(np.degrees(np.arccos(np.clip((np.trace(R) - 1) / 2, -1, 1))))
     extent_err = (estimate.extents - truth.extents) / truth.extents
     figures["bbox_extent_error_max"] = float(np.abs(extent_err).max())
     figures["bbox_diag_m"] = diag
+    return figures
+
+
+def precision_by_facing(est_pts: np.ndarray, true_pts: np.ndarray, true_normals: np.ndarray, diag: float) -> dict[str, float | None]:
+    """Where the estimate misses, and which way: precision at 1 % split by the facing of the
+    nearest true surface (``top`` normal z > 0.7, ``bottom`` < -0.7, ``side``), and the median
+    signed offset along that normal (positive: the estimate lies outside, i.e. inflated).
+
+    est_pts ``[N, 3]``, true_pts ``[M, 3]`` with the normals ``[M, 3]`` of the faces they lie on.
+    """
+    d_est, nearest = cKDTree(true_pts).query(est_pts, workers=-1)
+    normals = true_normals[nearest]
+    offset = np.einsum("ij,ij->i", est_pts - true_pts[nearest], normals)
+    near = d_est < 0.03 * diag  # outliers say nothing about a bias
+    figures: dict[str, float | None] = {}
+    for name, part in (("top", normals[:, 2] > 0.7), ("bottom", normals[:, 2] < -0.7), ("side", np.abs(normals[:, 2]) <= 0.7)):
+        figures[f"precision_1pct_icp_{name}"] = float((d_est[part] < 0.01 * diag).mean()) if part.any() else None
+        both = part & near
+        figures[f"offset_median_of_diag_{name}"] = float(np.median(offset[both]) / diag) if both.any() else None
     return figures
 
 

@@ -103,7 +103,8 @@ def run(
     figures["glb_bytes"] = Path(asset.glb).stat().st_size
     figures["frames_size"] = f"{stills.width}x{stills.height}"
     # SSIM next to PSNR, training time and memory, OBJ and USDZ sizes: what each stage's metrics.json holds.
-    figures.update(quality.run_figures(train_metrics, json.loads(Path(asset.metrics).read_text())))
+    mesh_metrics = json.loads(Path(asset.metrics).read_text())
+    figures.update(quality.run_figures(train_metrics, mesh_metrics))
 
     import torch
 
@@ -118,6 +119,8 @@ def run(
         },
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "stages": rows,
+        # Where the mesh stage's time went (surface, cleaning, decimation, colour, unwrap, bake, export).
+        "mesh_parts_seconds": mesh_metrics.get("seconds"),
         "total_seconds": round(sum(r["seconds"] for r in rows), 2),
         "quality": figures,
     }

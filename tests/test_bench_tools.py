@@ -4,7 +4,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.quality import refine_alignment
+import trimesh
+
+from bench.quality import precision_by_facing, refine_alignment
 from bench.records import load_records, save_records
 from tasks.types import CameraRig, FrameSet
 
@@ -86,3 +88,19 @@ def test_true_depth_field_renders_distance_along_each_ray():
     assert (alpha == hit.reshape(48, 64)).float().mean() > 0.97
     both = alpha & hit.reshape(48, 64)
     assert (out["depth"][both] - t[both]).abs().median() < 0.005
+
+
+def test_precision_by_facing_finds_a_raised_top():
+    # The truth: a 0.2 m cube. The estimate: the same cube with its top 6 mm too high (3 % of
+    # the diagonal would be 10 mm; 1 % is 3.5 mm), so the top misses and every other face is exact.
+    truth = trimesh.creation.box(extents=[0.2, 0.2, 0.2])
+    true_pts, faces = trimesh.sample.sample_surface(truth, 60_000, seed=0)
+    estimate = truth.copy()
+    estimate.vertices[estimate.vertices[:, 2] > 0, 2] += 0.006
+    est_pts = np.asarray(trimesh.sample.sample_surface(estimate, 20_000, seed=1)[0])
+    diag = float(np.linalg.norm(truth.extents))
+    figures = precision_by_facing(est_pts, np.asarray(true_pts), np.asarray(truth.face_normals)[faces], diag)
+    assert figures["precision_1pct_icp_top"] < 0.05
+    assert figures["precision_1pct_icp_bottom"] > 0.99
+    assert abs(figures["offset_median_of_diag_top"] - 0.006 / diag) < 0.002 / diag
+    assert abs(figures["offset_median_of_diag_bottom"]) < 0.0005 / diag

@@ -1,22 +1,22 @@
 """The ngp field (hash grid + two small MLPs), the ray sampler, and rendering of ray batches.
 
-``make_sampler`` is the seam for a faster sampler: today it always returns the plain-torch
-:class:`GridSampler` (dense ``[R, S]`` slots + occupancy culling); a CUDA build could return
-one wrapping nerfacc's ``OccGridEstimator`` instead, as long as it hands back the same
-:class:`RaySamples`.
+Samplers march rays through the occupancy grid and hand back packed samples
+(:class:`tasks.nerf.packed.PackedSamples`): :class:`GridSampler` in plain torch (CPU and CUDA),
+:class:`NerfaccSampler` with nerfacc's CUDA traversal. ``make_sampler`` picks one.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import warnings
 
 import torch
 from torch import Tensor, nn
 
 from tasks.nerf.hashgrid import HashGrid, spherical_harmonics, trunc_exp
 from tasks.nerf.occupancy import OccupancyGrid
-from tasks.nerf.rays import composite, intersect_aabb, pixel_rays, stratified_samples
+from tasks.nerf.packed import PackedSamples, composite_packed, visible_samples
+from tasks.nerf.rays import intersect_aabb, pixel_rays, stratified_samples
 
 
 class NgpModel(nn.Module):
@@ -68,17 +68,13 @@ class NgpModel(nn.Module):
         return sigma, rgb
 
 
-@dataclass
-class RaySamples:
-    """Samples of R rays in S slots: t_mid ``[R, S]``, keep ``[R, S]`` (inside the box and occupied), step size."""
-
-    t_mid: Tensor
-    keep: Tensor
-    step: float
-
-
 class GridSampler:
-    """Fixed-step stratified samples through the box, culled by an occupancy grid (plain torch)."""
+    """Fixed-step stratified samples through the box, culled by an occupancy grid (plain torch).
+
+    Builds a dense ``[R, S]`` slot layout, drops slots outside the box or in empty cells and
+    hands back the rest packed; runs anywhere, and is the reference :class:`NerfaccSampler` is
+    tested against.
+    """
 
     def __init__(self, aabb: Tensor, step: float, occupancy: OccupancyGrid) -> None:
         self.aabb = aabb
@@ -87,55 +83,127 @@ class GridSampler:
         # Enough slots to cross the box along its diagonal.
         self.n_slots = int(math.ceil(float((aabb[1] - aabb[0]).norm()) / step)) + 1
 
-    def sample(self, origins: Tensor, directions: Tensor, jitter: bool, generator: torch.Generator | None = None) -> RaySamples:
+    def sample(self, origins: Tensor, directions: Tensor, jitter: bool, generator: torch.Generator | None = None) -> PackedSamples:
+        """origins, unit directions ``[R, 3]`` → the occupied samples of those rays, packed."""
         t_near, t_far, hit = intersect_aabb(origins, directions, self.aabb)
         t_mid, valid = stratified_samples(t_near, t_far, self.step, self.n_slots, jitter, generator)
         valid &= hit[:, None]
         points = origins[:, None] + t_mid[..., None] * directions[:, None]  # [R, S, 3]
         occupied = self.occupancy.query(points.reshape(-1, 3)).reshape(valid.shape)
-        return RaySamples(t_mid=t_mid, keep=valid & occupied, step=self.step)
+        flat = (valid & occupied).reshape(-1).nonzero()[:, 0]  # row-major: grouped by ray
+        t = t_mid.reshape(-1)[flat]
+        half = self.step / 2
+        return PackedSamples(flat // self.n_slots, t - half, t + half, origins.shape[0])
 
 
-def make_sampler(aabb: Tensor, step: float, occupancy: OccupancyGrid) -> GridSampler:
-    """The sampler for this device. Seam for nerfacc's OccGridEstimator on CUDA (not used yet)."""
-    return GridSampler(aabb, step, occupancy)
+class NerfaccSampler:
+    """The same marching with nerfacc's CUDA grid traversal: one kernel emits only occupied samples.
+
+    Our :class:`OccupancyGrid` stays the source of truth (updates, mask carving, checkpoints);
+    its bits are copied into the ``OccGridEstimator``'s grid whenever they change.
+    """
+
+    def __init__(self, aabb: Tensor, step: float, occupancy: OccupancyGrid) -> None:
+        import nerfacc  # CUDA only; imported here so the CPU path never needs it
+
+        self._traverse = nerfacc.grid.traverse_grids
+        self.aabb = aabb
+        self.step = step
+        self.occupancy = occupancy
+        self.estimator = nerfacc.OccGridEstimator(roi_aabb=aabb.reshape(-1), resolution=occupancy.resolution, levels=1).to(aabb.device)
+        self._revision = -1
+
+    def _sync_grid(self) -> None:
+        if self._revision != self.occupancy.revision:
+            res = self.occupancy.resolution
+            # Ours is x-fastest ([z, y, x] as a 3-D view); nerfacc indexes [x, y, z].
+            bits = self.occupancy.bits.view(res, res, res).permute(2, 1, 0)
+            self.estimator.binaries.copy_(bits[None])
+            self._revision = self.occupancy.revision
+
+    def sample(self, origins: Tensor, directions: Tensor, jitter: bool, generator: torch.Generator | None = None) -> PackedSamples:
+        """origins, unit directions ``[R, 3]`` → the occupied samples of those rays, packed."""
+        self._sync_grid()
+        t_near, t_far, hit = intersect_aabb(origins, directions, self.aabb)
+        # nerfacc steps [near + k * step, near + (k + 1) * step]: sample midpoints at t_near + (k + u) * step
+        # as GridSampler's, with u = 1/2 or, jittered, one random u per ray.
+        offset = torch.rand(t_near.shape, device=t_near.device, generator=generator) - 0.5 if jitter else 0.0
+        near = (t_near + offset * self.step).contiguous()
+        far = torch.where(hit, t_far, near)
+        intervals, samples, _ = self._traverse(
+            origins.contiguous(), directions.contiguous(), self.estimator.binaries, self.estimator.aabbs,
+            near_planes=near, far_planes=far, step_size=self.step,
+        )
+        t_starts = intervals.vals[intervals.is_left]
+        t_ends = intervals.vals[intervals.is_right]
+        return PackedSamples(samples.ray_indices.long(), t_starts, t_ends, origins.shape[0])
+
+
+Sampler = GridSampler | NerfaccSampler
+SAMPLERS = ("auto", "torch", "nerfacc")
+
+
+def make_sampler(aabb: Tensor, step: float, occupancy: OccupancyGrid, kind: str = "auto") -> Sampler:
+    """The ray sampler: ``torch`` (:class:`GridSampler`), ``nerfacc`` (:class:`NerfaccSampler`,
+    CUDA), or ``auto``: nerfacc on a CUDA device when it imports and compiles, torch otherwise."""
+    if kind not in SAMPLERS:
+        raise ValueError(f"nerf.sampler={kind!r} is not one of {', '.join(SAMPLERS)}")
+    if kind == "torch" or (kind == "auto" and aabb.device.type != "cuda"):
+        return GridSampler(aabb, step, occupancy)
+    if aabb.device.type != "cuda":
+        raise ValueError(f"nerf.sampler=nerfacc needs a CUDA device, the field is on {aabb.device}; use nerf.sampler=auto or torch")
+    try:
+        sampler = NerfaccSampler(aabb, step, occupancy)
+        # nerfacc compiles its CUDA kernels on first use: do it now, so a broken build shows here.
+        sampler.sample(aabb[:1], torch.nn.functional.normalize(aabb[1:] - aabb[:1], dim=-1), jitter=False)
+        return sampler
+    except Exception as error:  # ImportError, or a failed JIT build of nerfacc's kernels
+        if kind == "nerfacc":
+            raise RuntimeError(
+                f"nerf.sampler=nerfacc but nerfacc is not usable here ({error}); install nerfacc==0.5.3 "
+                "(pip install korokoro[gpu]; it compiles its CUDA kernels on first use, which needs nvcc) "
+                "or use nerf.sampler=torch"
+            ) from error
+        warnings.warn(f"nerfacc is not usable ({error}); sampling rays in plain torch (slower)", stacklevel=2)
+        return GridSampler(aabb, step, occupancy)
 
 
 def render_rays(
     model: NgpModel,
-    sampler: GridSampler,
+    sampler: Sampler,
     origins: Tensor,
     directions: Tensor,
     jitter: bool,
     generator: torch.Generator | None = None,
     median: bool = False,
-) -> dict[str, Tensor]:
+    early_stop_eps: float = 0.0,
+) -> tuple[dict[str, Tensor], PackedSamples]:
     """Render a batch of rays ``[R, 3], [R, 3]`` → ``rgb [R, 3]`` (premultiplied), ``alpha [R]``,
-    ``depth [R]`` (and ``depth_median [R]`` with ``median``), plus ``samples`` (how many samples
-    reached the MLPs, a 0-d tensor).
+    ``depth [R]`` (and ``depth_median [R]`` with ``median``), ``weights [K]`` and ``samples``
+    (how many samples reached the MLPs, a 0-d tensor); and the packed samples themselves.
 
-    The MLPs run only on kept samples; the rest keep zero density.
+    With ``early_stop_eps > 0`` a density-only pass first drops samples whose transmittance
+    is below it (behind an opaque surface), so the colour MLP and backward skip them.
     """
     samples = sampler.sample(origins, directions, jitter, generator)
-    n_rays, n_slots = samples.t_mid.shape
-    flat = samples.keep.reshape(-1).nonzero()[:, 0]  # [K]
-    ray_of_sample = flat // n_slots
-    points = origins[ray_of_sample] + samples.t_mid.reshape(-1)[flat, None] * directions[ray_of_sample]
-    sigma, rgb = model(points, directions[ray_of_sample])
-    sigmas = torch.zeros(n_rays * n_slots, device=origins.device, dtype=sigma.dtype).index_put((flat,), sigma)
-    colors = torch.zeros(n_rays * n_slots, 3, device=origins.device, dtype=rgb.dtype).index_put((flat,), rgb)
-    out = composite(sigmas.reshape(n_rays, n_slots), colors.reshape(n_rays, n_slots, 3), samples.t_mid, samples.step, median)
-    out["samples"] = torch.tensor(flat.shape[0])
-    return out
+    if early_stop_eps > 0 and samples.ray_indices.numel() > 0:
+        with torch.no_grad():
+            sigma = model.geometry(samples.points(origins, directions))[0]
+        samples = samples.select(visible_samples(sigma, samples, early_stop_eps))
+    sigma, rgb = model(samples.points(origins, directions), directions[samples.ray_indices])
+    out = composite_packed(sigma, rgb, samples, median)
+    out["samples"] = torch.tensor(samples.ray_indices.shape[0])
+    return out, samples
 
 
 class NgpRadianceField:
     """A trained ngp field behind the :class:`tasks.nerf.base.RadianceField` interface (inference only)."""
 
-    def __init__(self, model: NgpModel, sampler: GridSampler, chunk: int) -> None:
+    def __init__(self, model: NgpModel, sampler: Sampler, chunk: int, early_stop_eps: float = 0.0) -> None:
         self.model = model.eval()
         self.sampler = sampler
         self.chunk = chunk
+        self.early_stop_eps = early_stop_eps
         self.aabb = model.aabb
 
     @property
@@ -174,7 +242,7 @@ class NgpRadianceField:
         parts: dict[str, list[Tensor]] = {key: [] for key in keys}
         for part in pixels.split(self.chunk):
             origins, directions = pixel_rays(c2w, intrinsics, part)
-            out = render_rays(self.model, self.sampler, origins, directions, jitter=False, median=True)
+            out, _ = render_rays(self.model, self.sampler, origins, directions, jitter=False, median=True, early_stop_eps=self.early_stop_eps)
             for key in keys:
                 parts[key].append(out[key].float())
         shapes = {"rgb": (height, width, 3)}

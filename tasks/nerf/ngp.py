@@ -29,6 +29,7 @@ from tasks.nerf.dataset import Capture, aabb_pixel_rects, load_capture, load_hul
 from tasks.nerf.evaluate import evaluate_frames, save_previews
 from tasks.nerf.field import NgpModel, NgpRadianceField, make_sampler, render_rays
 from tasks.nerf.occupancy import OccupancyGrid
+from tasks.nerf.packed import distortion_loss
 from tasks.nerf.rays import pixel_rays
 from tasks.nerf.settings import settings_from_dict
 
@@ -45,6 +46,8 @@ class NgpSettings:
     steps: int = 4000
     rays_per_batch: int = 4096
     samples_per_ray: int = 256
+    sampler: str = "auto"
+    early_stop_eps: float = 1e-4
     aabb_padding: float = 0.1
     downscale: int = 1
     holdout_every: int = 8
@@ -70,6 +73,7 @@ class NgpSettings:
     carve_tolerance: float = 0.1
     cpu_threads: int = 0
     alpha_loss_weight: float = 0.0
+    distortion_loss_weight: float = 0.0
     mixed_precision: bool = False
     render_chunk: int = 16384
     log_every: int = 50
@@ -191,7 +195,8 @@ def _train(
         occupancy.carve(capture.c2w[ids], capture.intrinsics[ids], capture.masks[ids], s.carve_tolerance)
         if bool(occupancy.carved.all()):
             raise ValueError(f"the masks of {transforms} leave nothing of the hull box {aabb.tolist()}; check masks and hull")
-    sampler = make_sampler(aabb, step_size, occupancy)
+    sampler = make_sampler(aabb, step_size, occupancy, s.sampler)
+    diagonal = float((aabb[1] - aabb[0]).norm())
     # Adam with eps 1e-15 as instant-ngp: hash entries see rare, tiny gradients that a
     # larger eps would swallow. Weight decay only on the MLPs.
     optimizer = torch.optim.Adam(
@@ -218,12 +223,16 @@ def _train(
         background = torch.rand(rgb.shape, device=device, generator=generator)
         target = rgb * mask[:, None] + background * (1 - mask[:, None])
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-            out = render_rays(model, sampler, origins, directions, jitter=True, generator=generator)
+            out, samples = render_rays(
+                model, sampler, origins, directions, jitter=True, generator=generator, early_stop_eps=s.early_stop_eps
+            )
         prediction = out["rgb"].float() + (1 - out["alpha"].float())[:, None] * background
         color_loss = torch.mean((prediction - target) ** 2)
         loss = color_loss
         if s.alpha_loss_weight > 0:
             loss = loss + s.alpha_loss_weight * torch.mean((out["alpha"].float() - mask) ** 2)
+        if s.distortion_loss_weight > 0:
+            loss = loss + s.distortion_loss_weight * distortion_loss(out["weights"], samples, diagonal)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -237,7 +246,7 @@ def _train(
 
     model.eval()
     save_checkpoint(out_dir, model, occupancy, s)
-    field = NgpRadianceField(model, sampler, s.render_chunk)
+    field = NgpRadianceField(model, sampler, s.render_chunk, s.early_stop_eps)
     limit = s.eval_max_frames or None
     holdout = evaluate_frames(field, capture, capture.holdout_ids[:limit])
     spread = capture.train_ids[:: max(1, len(capture.train_ids) // max(1, s.eval_train_frames))][: s.eval_train_frames]
@@ -291,7 +300,9 @@ def load_ngp(out_dir: Path, device: str | torch.device = "cpu") -> NgpRadianceFi
     model, _, step_size = build_field(s, aabb, device)
     model.load_state_dict(state["model"])
     occupancy = OccupancyGrid.from_state(aabb, state["occupancy"])
-    return NgpRadianceField(model, make_sampler(aabb, step_size, occupancy), s.render_chunk)
+    # The sampler only changes speed: a GPU-trained field still loads for meshing on the CPU.
+    sampler = make_sampler(aabb, step_size, occupancy, s.sampler if device.type == "cuda" else "torch")
+    return NgpRadianceField(model, sampler, s.render_chunk, s.early_stop_eps)
 
 
 @register_backend("ngp")

@@ -34,6 +34,8 @@ class OccupancyGrid:
         self.bits = torch.ones(n_cells, dtype=torch.bool, device=aabb.device)
         # Cells the masks prove empty (see carve); they never come back.
         self.carved = torch.zeros(n_cells, dtype=torch.bool, device=aabb.device)
+        # Bumped whenever ``bits`` change, so a sampler holding a copy knows to refresh it.
+        self.revision = 0
 
     @property
     def device(self) -> torch.device:
@@ -94,6 +96,7 @@ class OccupancyGrid:
             outside += (in_view & (pixel_distance > radius)).float()
         self.carved = (outside > tolerance * seen) & (seen > 0)
         self.bits &= ~self.carved
+        self.revision += 1
 
     def cell_points(self, cells: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """A uniformly random world point inside each cell. cells ``[M]`` int64 → ``[M, 3]``."""
@@ -131,6 +134,7 @@ class OccupancyGrid:
         live = self.density[torch.isfinite(self.density) & ~self.carved]
         mean = float(live.mean()) if live.numel() else self.sigma_threshold
         self.bits = (self.density > min(self.sigma_threshold, mean)) & ~self.carved
+        self.revision += 1
 
     def state_dict(self) -> dict[str, Tensor | int | float]:
         return {
@@ -152,4 +156,5 @@ class OccupancyGrid:
         grid.density = state["density"].to(aabb.device)
         grid.bits = state["bits"].to(aabb.device)
         grid.carved = state["carved"].to(aabb.device)
+        grid.revision = 0
         return grid
