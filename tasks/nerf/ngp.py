@@ -73,7 +73,7 @@ class NgpSettings:
     carve_tolerance: float = 0.1
     cpu_threads: int = 0
     alpha_loss_weight: float = 0.0
-    distortion_loss_weight: float = 0.0
+    distortion_loss_weight: float = 0.01
     mixed_precision: bool = False
     render_chunk: int = 16384
     log_every: int = 50
