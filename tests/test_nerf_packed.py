@@ -14,7 +14,7 @@ import torch
 from tasks.nerf.field import GridSampler, NgpModel, make_sampler, render_rays
 from tasks.nerf.occupancy import OccupancyGrid
 from tasks.nerf.packed import PackedSamples, composite_packed, distortion_loss, segment_cumsum, visible_samples
-from tasks.nerf.rays import composite
+from tasks.nerf.rays import composite, pixel_rays
 
 STEP = 0.05
 
@@ -178,3 +178,15 @@ def test_nerfacc_sampler_emits_the_torch_samplers_samples():
     grid.bits[:] = False
     grid.revision += 1
     assert sampler.sample(origins, directions, jitter=True).ray_indices.numel() == 0
+
+
+def test_pixel_rays_pass_where_asked_inside_the_pixel():
+    c2w = torch.eye(4)
+    intrinsics = torch.tensor([100.0, 100.0, 50.0, 50.0])
+    pixels = torch.tensor([[49, 49], [49, 49]])
+    _, centre = pixel_rays(c2w, intrinsics, pixels[:1])
+    _, corners = pixel_rays(c2w, intrinsics, pixels, torch.tensor([[0.5, 0.5], [1.0, 0.0]]))
+    torch.testing.assert_close(corners[0], centre[0])
+    # u = 50, v = 49 (top-right corner of the pixel left of and above the centre): +x, +y in OpenGL.
+    expected = torch.nn.functional.normalize(torch.tensor([0.0, 0.01, -1.0]), dim=0)
+    torch.testing.assert_close(corners[1], expected)

@@ -50,6 +50,7 @@ class NgpSettings:
     early_stop_eps: float = 1e-4
     aabb_padding: float = 0.1
     downscale: int = 1
+    pixel_jitter: bool = False
     holdout_every: int = 8
     n_levels: int = 16
     features_per_level: int = 2
@@ -118,12 +119,15 @@ def learning_rate_factor(step: int, s: NgpSettings) -> float:
 
 
 def sample_training_rays(
-    capture: Capture, frame_ids: Tensor, rects: Tensor, n_rays: int, generator: torch.Generator
+    capture: Capture, frame_ids: Tensor, rects: Tensor, n_rays: int, generator: torch.Generator, jitter: bool = False
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Random pixels of training frames, uniform over the pixels inside the box's rectangles.
 
     frame_ids ``[T]``, rects ``[T, 4]`` → origins ``[R, 3]``, directions ``[R, 3]``,
-    rgb ``[R, 3]`` in 0..1, mask ``[R]`` float (1 = product).
+    rgb ``[R, 3]`` in 0..1, mask ``[R]`` float (1 = product). With ``jitter`` each ray passes a
+    random point of its pixel instead of the centre (instant-ngp does the same): a pixel's colour
+    is the average over its area, and texture finer than a pixel (a basket's weave) is then
+    learned as that average instead of as whatever one point shows, which other views alias.
     """
     area = ((rects[:, 2] - rects[:, 0]) * (rects[:, 3] - rects[:, 1])).float()
     pick = torch.multinomial(area, n_rays, replacement=True, generator=generator)
@@ -132,7 +136,8 @@ def sample_training_rays(
     u = (rect[:, 0] + (uv01[:, 0] * (rect[:, 2] - rect[:, 0])).long()).clamp(max=capture.width - 1)
     v = (rect[:, 1] + (uv01[:, 1] * (rect[:, 3] - rect[:, 1])).long()).clamp(max=capture.height - 1)
     frames = frame_ids[pick]
-    origins, directions = pixel_rays(capture.c2w[frames], capture.intrinsics[frames], torch.stack([u, v], -1))
+    within = torch.rand(n_rays, 2, device=rects.device, generator=generator) if jitter else None
+    origins, directions = pixel_rays(capture.c2w[frames], capture.intrinsics[frames], torch.stack([u, v], -1), within)
     rgb = capture.images[frames, v, u].float() / 255.0
     mask = capture.masks[frames, v, u].float()
     return origins, directions, rgb, mask
@@ -219,7 +224,9 @@ def _train(
         if step % s.occ_update_every == 0:
             fraction = 1.0 if step < s.occ_warmup_steps else s.occ_update_fraction
             occupancy.update(density_fn, fraction, s.render_chunk * 8, generator)
-        origins, directions, rgb, mask = sample_training_rays(capture, train_ids, rects, s.rays_per_batch, generator)
+        origins, directions, rgb, mask = sample_training_rays(
+            capture, train_ids, rects, s.rays_per_batch, generator, s.pixel_jitter
+        )
         background = torch.rand(rgb.shape, device=device, generator=generator)
         target = rgb * mask[:, None] + background * (1 - mask[:, None])
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):

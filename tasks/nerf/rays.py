@@ -12,16 +12,19 @@ import torch
 from torch import Tensor
 
 
-def pixel_rays(c2w: Tensor, intrinsics: Tensor, pixels: Tensor) -> tuple[Tensor, Tensor]:
-    """Rays through pixel centres of pinhole cameras (OpenGL axes: camera looks along -z, y up).
+def pixel_rays(c2w: Tensor, intrinsics: Tensor, pixels: Tensor, within: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Rays through pixels of pinhole cameras (OpenGL axes: camera looks along -z, y up).
 
     c2w ``[R, 4, 4]`` (or ``[4, 4]`` shared), intrinsics ``[R, 4]`` (or ``[4]``) = fx, fy, cx, cy,
     pixels ``[R, 2]`` integer (u = column, v = row) → origins ``[R, 3]``, unit directions ``[R, 3]``.
+    ``within [R, 2]`` in [0, 1): where inside its pixel each ray passes (default: the centre, 0.5).
     """
     intrinsics = intrinsics.expand(pixels.shape[0], 4)
     fx, fy, cx, cy = intrinsics.unbind(-1)
-    u = pixels[:, 0].to(intrinsics.dtype) + 0.5
-    v = pixels[:, 1].to(intrinsics.dtype) + 0.5
+    if within is None:
+        within = torch.full((pixels.shape[0], 2), 0.5, dtype=intrinsics.dtype, device=pixels.device)
+    u = pixels[:, 0].to(intrinsics.dtype) + within[:, 0]
+    v = pixels[:, 1].to(intrinsics.dtype) + within[:, 1]
     # Image rows go down while camera y goes up, hence the minus sign on y.
     dirs_cam = torch.stack([(u - cx) / fx, -(v - cy) / fy, -torch.ones_like(u)], dim=-1)  # [R, 3]
     c2w = c2w.expand(pixels.shape[0], 4, 4)
