@@ -104,3 +104,21 @@ def test_precision_by_facing_finds_a_raised_top():
     assert figures["precision_1pct_icp_bottom"] > 0.99
     assert abs(figures["offset_median_of_diag_top"] - 0.006 / diag) < 0.002 / diag
     assert abs(figures["offset_median_of_diag_bottom"]) < 0.0005 / diag
+
+
+def test_compare_figure_draws_one_panel_per_figure_and_names_a_bad_run(tmp_path):
+    import json
+
+    import pytest
+
+    from bench.compare_figure import draw, load_runs
+
+    for name, f in (("a", 0.8), ("b", 0.97)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"quality": {"fscore_1pct": f, "chamfer_of_diag": 0.005}}))
+    runs = load_runs([f"before={tmp_path / 'a.json'}", f"after={tmp_path / 'b.json'}"])
+    assert [label for label, _ in runs] == ["before", "after"]
+    out = tmp_path / "figure.png"
+    draw(runs, ["fscore_1pct", "chamfer_of_diag", "psnr_holdout_object"], "t", out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="expected label=path"):
+        load_runs([str(tmp_path / "a.json")])
