@@ -122,3 +122,52 @@ def test_compare_figure_draws_one_panel_per_figure_and_names_a_bad_run(tmp_path)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="expected label=path"):
         load_runs([str(tmp_path / "a.json")])
+
+
+def test_true_cameras_land_in_the_runs_world(tmp_path):
+    import json
+
+    from bench.true_cameras import true_poses_in_run_world, with_true_cameras
+
+    # Truth: 8 cameras on an orbit looking at the origin (metres). The "solved" cameras are the
+    # same ones in another world: scaled 3x, turned 40° about z, shifted, each rotation a little off.
+    def look_at(center: np.ndarray) -> np.ndarray:
+        back = center / np.linalg.norm(center)
+        right = np.cross([0.0, 0.0, 1.0], back)
+        right /= np.linalg.norm(right)
+        c2w = np.eye(4)
+        c2w[:3, :3] = np.stack([right, np.cross(back, right), back], axis=1)
+        c2w[:3, 3] = center
+        return c2w
+
+    angles = np.linspace(0, 2 * np.pi, 8, endpoint=False)
+    truth_c2w = np.stack([look_at(np.array([0.5 * np.cos(a), 0.5 * np.sin(a), 0.3])) for a in angles])
+    turn = np.array([[np.cos(0.7), -np.sin(0.7), 0], [np.sin(0.7), np.cos(0.7), 0], [0, 0, 1.0]])
+    solved = truth_c2w.copy()
+    solved[:, :3, :3] = turn @ truth_c2w[:, :3, :3]
+    solved[:, :3, 3] = 3.0 * truth_c2w[:, :3, 3] @ turn.T + np.array([0.1, -0.2, 0.05])
+    wobble = np.array([[np.cos(0.01), -np.sin(0.01), 0], [np.sin(0.01), np.cos(0.01), 0], [0, 0, 1.0]])
+    solved[::2, :3, :3] = solved[::2, :3, :3] @ wobble
+    truth_dir = tmp_path / "truth"
+    truth_dir.mkdir()
+    (truth_dir / "cameras.json").write_text(json.dumps({
+        "fl_x": 1200.0, "fl_y": 1200.0, "cx": 960.0, "cy": 540.0, "w": 1920, "h": 1080,
+        "frames": [{"index": i, "transform_matrix": c.tolist()} for i, c in enumerate(truth_c2w)],
+    }))
+    frames_json = tmp_path / "frames" / "frames.json"
+    frames_json.parent.mkdir()
+    frames_json.write_text(json.dumps({"frames": [{"file": f"images/f{i}.jpg", "source_index": i} for i in range(8)]}))
+    transforms = tmp_path / "colmap" / "transforms.json"
+    transforms.parent.mkdir()
+    transforms.write_text(json.dumps({
+        "camera_model": "OPENCV", "fl_x": 700.0, "fl_y": 700.0, "cx": 640.0, "cy": 360.0, "w": 1280, "h": 720,
+        "k1": -0.2, "frames": [{"file_path": f"../frames/images/f{i}.jpg", "transform_matrix": c.tolist()} for i, c in enumerate(solved)],
+    }))
+    poses = true_poses_in_run_world(frames_json, transforms, truth_dir)
+    expected = solved.copy()
+    expected[::2, :3, :3] = solved[::2, :3, :3] @ wobble.T  # the truth has no wobble
+    np.testing.assert_allclose(poses, expected, atol=1e-9)
+    out = with_true_cameras(transforms, {f"f{i}.jpg": p for i, p in enumerate(poses)}, truth_dir, tmp_path / "true" / "t.json")
+    meta = json.loads(out.read_text())
+    assert (meta["camera_model"], meta["fl_x"], meta["cx"], meta["k1"]) == ("PINHOLE", 800.0, 640.0, 0.0)
+    assert meta["frames"][3]["file_path"] == str((tmp_path / "frames/images/f3.jpg").resolve())
