@@ -186,11 +186,12 @@ def render_rays(
     is below it (behind an opaque surface), so the colour MLP and backward skip them.
     """
     samples = sampler.sample(origins, directions, jitter, generator)
+    points = samples.points(origins, directions)
     if early_stop_eps > 0 and samples.ray_indices.numel() > 0:
         with torch.no_grad():
-            sigma = model.geometry(samples.points(origins, directions))[0]
-        samples = samples.select(visible_samples(sigma, samples, early_stop_eps))
-    sigma, rgb = model(samples.points(origins, directions), directions[samples.ray_indices])
+            keep = visible_samples(model.geometry(points)[0], samples, early_stop_eps)
+        samples, points = samples.select(keep), points[keep]
+    sigma, rgb = model(points, directions[samples.ray_indices])
     out = composite_packed(sigma, rgb, samples, median)
     out["samples"] = torch.tensor(samples.ray_indices.shape[0])
     return out, samples

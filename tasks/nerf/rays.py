@@ -21,10 +21,9 @@ def pixel_rays(c2w: Tensor, intrinsics: Tensor, pixels: Tensor, within: Tensor |
     """
     intrinsics = intrinsics.expand(pixels.shape[0], 4)
     fx, fy, cx, cy = intrinsics.unbind(-1)
-    if within is None:
-        within = torch.full((pixels.shape[0], 2), 0.5, dtype=intrinsics.dtype, device=pixels.device)
-    u = pixels[:, 0].to(intrinsics.dtype) + within[:, 0]
-    v = pixels[:, 1].to(intrinsics.dtype) + within[:, 1]
+    du, dv = (0.5, 0.5) if within is None else within.unbind(-1)
+    u = pixels[:, 0].to(intrinsics.dtype) + du
+    v = pixels[:, 1].to(intrinsics.dtype) + dv
     # Image rows go down while camera y goes up, hence the minus sign on y.
     dirs_cam = torch.stack([(u - cx) / fx, -(v - cy) / fy, -torch.ones_like(u)], dim=-1)  # [R, 3]
     c2w = c2w.expand(pixels.shape[0], 4, 4)
