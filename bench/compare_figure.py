@@ -6,7 +6,7 @@
 
 Each ``--run`` is ``label=path`` to a results JSON (its ``quality`` block is read); each
 ``--figure`` a key of that block. A dashed line marks the issue's bound where bench/targets.py
-has one for that key.
+has one for that key (or, for an ``_icp`` figure, for the key it refines).
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ from pathlib import Path
 
 import matplotlib
 
+from bench.targets import TARGETS, QualityFigure
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-# Bounds worth drawing, from the issue's targets (bench/targets.py holds the full list).
-BOUNDS = {"fscore_1pct": 0.9, "fscore_1pct_icp": 0.9, "chamfer_of_diag": 0.01, "psnr_holdout_object": 30.0}
+# The issues' bounds on figures of the quality block, keyed by figure.
+BOUNDS = {t.read.key: t.bound for t in TARGETS if isinstance(t.read, QualityFigure)}
 
 
 def load_runs(specs: list[str]) -> list[tuple[str, dict]]:
@@ -51,8 +53,9 @@ def draw(runs: list[tuple[str, dict]], figures: list[str], title: str, out: Path
             if value is not None:
                 ax.annotate(f"{value:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                             ha="center", va="bottom", fontsize=8)
-        if key in BOUNDS:
-            ax.axhline(BOUNDS[key], color="#e45756", linestyle="--", linewidth=1)
+        bound = BOUNDS.get(key.removesuffix("_icp"))
+        if bound is not None:
+            ax.axhline(bound, color="#e45756", linestyle="--", linewidth=1)
         ax.axhline(0, color="black", linewidth=0.5)
         ax.set_title(key, fontsize=9)
         ax.set_xticks(range(len(runs)), labels, rotation=30, ha="right", fontsize=8)

@@ -19,9 +19,8 @@ import trimesh
 from PIL import Image
 
 from bench import quality
+from tasks.mesh_export import Z_UP_TO_Y_UP
 from tasks.mesh_preview import _orbit_poses, _render_pyrender
-
-Z_UP_TO_Y_UP = np.array([[1.0, 0, 0], [0, 0, 1.0], [0, -1.0, 0]])
 
 
 def surface_figure(turntable: Path, meshes: list[tuple[Path, Path]], out: Path, size: int = 256, views: int = 4) -> Path:

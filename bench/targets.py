@@ -33,8 +33,18 @@ def _stage(name: str) -> Callable[[dict[str, Any]], float]:
     return lambda r: next(s["seconds"] for s in r["stages"] if s["stage"] == name)
 
 
-def _quality(key: str) -> Callable[[dict[str, Any]], float]:
-    return lambda r: r["quality"][key]
+@dataclass(frozen=True)
+class QualityFigure:
+    """Reads ``key`` of a result's ``quality`` block (the key stays visible, e.g. to charts)."""
+
+    key: str
+
+    def __call__(self, result: dict[str, Any]) -> float:
+        return result["quality"][self.key]
+
+
+def _quality(key: str) -> QualityFigure:
+    return QualityFigure(key)
 
 
 LE, GE = operator.le, operator.ge
