@@ -25,12 +25,12 @@ import torch
 from torch import Tensor
 
 from tasks.nerf.base import TrainReport, register_backend
-from tasks.nerf.dataset import Capture, aabb_pixel_rects, load_capture, load_hull
+from tasks.nerf.dataset import aabb_pixel_rects, load_capture, load_hull
 from tasks.nerf.evaluate import evaluate_frames, save_previews
 from tasks.nerf.field import NgpModel, NgpRadianceField, make_sampler, render_rays
 from tasks.nerf.occupancy import OccupancyGrid
 from tasks.nerf.packed import distortion_loss
-from tasks.nerf.rays import pixel_rays
+from tasks.nerf.pixels import sample_training_rays, training_pixels
 from tasks.nerf.settings import settings_from_dict
 
 CHECKPOINT_FORMAT = "korokoro-ngp/1"
@@ -51,6 +51,8 @@ class NgpSettings:
     aabb_padding: float = 0.1
     downscale: int = 1
     pixel_jitter: bool = False
+    object_ray_fraction: float = 0.0
+    object_ray_margin_px: int = 2
     holdout_every: int = 8
     n_levels: int = 16
     features_per_level: int = 2
@@ -118,31 +120,6 @@ def learning_rate_factor(step: int, s: NgpSettings) -> float:
     return s.lr_final_factor**progress
 
 
-def sample_training_rays(
-    capture: Capture, frame_ids: Tensor, rects: Tensor, n_rays: int, generator: torch.Generator, jitter: bool = False
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Random pixels of training frames, uniform over the pixels inside the box's rectangles.
-
-    frame_ids ``[T]``, rects ``[T, 4]`` → origins ``[R, 3]``, directions ``[R, 3]``,
-    rgb ``[R, 3]`` in 0..1, mask ``[R]`` float (1 = product). With ``jitter`` each ray passes a
-    random point of its pixel instead of the centre (instant-ngp does the same): a pixel's colour
-    is the average over its area, and texture finer than a pixel (a basket's weave) is then
-    learned as that average instead of as whatever one point shows, which other views alias.
-    """
-    area = ((rects[:, 2] - rects[:, 0]) * (rects[:, 3] - rects[:, 1])).float()
-    pick = torch.multinomial(area, n_rays, replacement=True, generator=generator)
-    rect = rects[pick]
-    uv01 = torch.rand(n_rays, 2, device=rects.device, generator=generator)
-    u = (rect[:, 0] + (uv01[:, 0] * (rect[:, 2] - rect[:, 0])).long()).clamp(max=capture.width - 1)
-    v = (rect[:, 1] + (uv01[:, 1] * (rect[:, 3] - rect[:, 1])).long()).clamp(max=capture.height - 1)
-    frames = frame_ids[pick]
-    within = torch.rand(n_rays, 2, device=rects.device, generator=generator) if jitter else None
-    origins, directions = pixel_rays(capture.c2w[frames], capture.intrinsics[frames], torch.stack([u, v], -1), within)
-    rgb = capture.images[frames, v, u].float() / 255.0
-    mask = capture.masks[frames, v, u].float()
-    return origins, directions, rgb, mask
-
-
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -193,6 +170,7 @@ def _train(
     if not bool(visible.any()):
         raise ValueError(f"the hull box {aabb.tolist()} from {hull} is not in view of any training frame; check the hull json")
     train_ids, rects = train_ids[visible], rects[visible]
+    pixels = training_pixels(capture, train_ids, rects, s.object_ray_fraction, s.object_ray_margin_px)
 
     model, occupancy, step_size = build_field(s, aabb, device)
     if s.carve_tolerance < 1.0:
@@ -225,7 +203,7 @@ def _train(
             fraction = 1.0 if step < s.occ_warmup_steps else s.occ_update_fraction
             occupancy.update(density_fn, fraction, s.render_chunk * 8, generator)
         origins, directions, rgb, mask = sample_training_rays(
-            capture, train_ids, rects, s.rays_per_batch, generator, s.pixel_jitter
+            capture, pixels, s.rays_per_batch, generator, s.pixel_jitter
         )
         background = torch.rand(rgb.shape, device=device, generator=generator)
         target = rgb * mask[:, None] + background * (1 - mask[:, None])
