@@ -12,8 +12,10 @@ Pipeline (``segment_product``):
    cut it); masks that leak out of it, or miss what all other views agree on, are rejected too
    and the hull is carved again;
 3. refine: every frame is segmented again with the hull's projection as a trimap (GrabCut only
-   decides a thin band around the hull's outline); rejected frames get the hull alone as prior,
-   and a result that still misses what all the other views agree on is merged with it;
+   decides a thin band around the hull's outline); rejected frames get the hull alone as prior;
+   openings that show the background (a handle's; the hull cannot carve them) are cut out
+   (``segment_checks.see_through``), and a result that still misses what all the other views
+   agree on elsewhere is merged with it;
 4. outputs (``tasks.isolation_outputs``): masks, rgba, transforms.json with mask_path, hull.json +
    hull.npy, contact_sheet.jpg, stats.json.
 
@@ -36,7 +38,7 @@ from scipy import ndimage
 from tasks import isolation_geometry as geo
 from tasks.isolation_geometry import read_image
 from tasks.isolation_outputs import write_outputs
-from tasks.segment_checks import first_pass_outliers, hull_disagreement, missing_blobs
+from tasks.segment_checks import first_pass_outliers, hull_disagreement, missing_blobs, see_through
 from tasks.segment_grabcut import grabcut_first_pass, hull_trimap, run_grabcut
 from tasks.types import CameraRig, Detections, MaskSet
 
@@ -70,6 +72,8 @@ class SegmenterSettings:
     max_leak_fraction: float = 0.1  # reject a first-pass mask with more than this fraction outside the voted hull
     max_missing_fraction: float = 0.05  # reject a first-pass mask lacking more of the other views' consensus
     hole_min_radius_px: int = 4  # consensus parts a mask lacks count (and get filled) when this thick
+    see_through_margin: float = 2.0  # cut out thick mask parts this much likelier background (nats; 0 = off)
+    see_through_min_radius_px: int = 2  # ... when at least this thick (an opening's radius)
     # visual hull
     coarse_resolution: int = 40  # voxels along the longest side of the search box (finds the bounds)
     hull_resolution: int = 96  # voxels along the longest side of the final hull box
@@ -281,7 +285,10 @@ def reconcile_masks(
         trusted = first[i] if use[i] else None
         refined = run_grabcut(images[i], hull_trimap(loose[i], trusted, settings), settings.refine_object_px, settings,
                               iterations=settings.refine_iterations, crop_margin=settings.refine_crop_margin)
-        holes = missing_blobs(refined, consensus[i], settings)
+        # Openings that show the background (a handle's) are cut out and must not be filled back in.
+        shows_background = see_through(images[i], refined, settings)
+        refined = refined & ~shows_background
+        holes = missing_blobs(refined, consensus[i], settings) & ~shows_background
         if holes.any():
             # Fill in what every other view agrees on: one bad frame cannot cut a hole.
             refined, state = refined | holes, "merged-with-hull"

@@ -99,3 +99,82 @@ def hull_disagreement(mask: np.ndarray, loose: np.ndarray, consensus: np.ndarray
     if missing > settings.max_missing_fraction:
         return f"misses {missing:.0%} of the other views' consensus"
     return ""
+
+
+def _gmm_log_likelihood(pixels: np.ndarray, model: np.ndarray) -> np.ndarray:
+    """Log-density of ``pixels (N, 3)`` under one of GrabCut's 5-component colour models (its 65-float layout:
+    weights, means, covariances). → ``(N,)``."""
+    weights, means, covs = model[:5], model[5:20].reshape(5, 3), model[20:].reshape(5, 3, 3)
+    out = np.full(len(pixels), -np.inf)
+    for k in np.flatnonzero(weights > 0):
+        cov = covs[k] + 0.01 * np.eye(3)  # GrabCut adds the same white noise before inverting
+        diff = pixels - means[k]
+        maha = ((diff @ np.linalg.inv(cov)) * diff).sum(1)  # a BLAS product: ~4x faster than einsum here
+        out = np.logaddexp(out, np.log(weights[k]) - 0.5 * (maha + np.log(np.linalg.det(cov)) + 3 * np.log(2 * np.pi)))
+    return out
+
+
+def _colour_models(samples: np.ndarray, is_product: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """GrabCut's own colour models (background, product) fitted to ``samples (N, 3)`` uint8, no cut."""
+    labels = np.where(is_product, cv2.GC_FGD, cv2.GC_BGD).astype(np.uint8)[None]
+    bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+    cv2.setRNGSeed(seed)
+    cv2.grabCut(np.ascontiguousarray(samples[None]), labels, None, bgd, fgd, 0, cv2.GC_INIT_WITH_MASK)
+    return bgd[0], fgd[0]
+
+
+def see_through(image: np.ndarray, mask: np.ndarray, settings: Any) -> np.ndarray:
+    """``(H, W)`` bool: thick parts of ``mask`` coloured like the background just around the product.
+
+    A handle's opening, the gap under a chair's seat: there the frame shows the background, but the
+    visual hull cannot carve it (other views see product along those rays), so the hull-guided
+    GrabCut keeps the opening filled once the first pass filled it, and a filled opening teaches
+    the field an opaque patch of background. Colour tells them apart: GrabCut's colour models
+    are fitted to a ring of background around the mask and to the mask, the pixels far likelier
+    background (``settings.see_through_margin``, in nats) are taken out of the product's model
+    and the test repeated; what is that thick (an opening by ``see_through_min_radius_px``) is
+    returned, grown back over its mixed rim.
+    """
+    out = np.zeros(mask.shape, dtype=bool)
+    found = _box(mask)
+    if found is None or settings.see_through_margin <= 0:
+        return out
+    h, w = mask.shape
+    inner, outer = settings.band_px + 1, settings.band_px + 1 + max(4, int(0.1 * max(found[1] - found[0], found[3] - found[2])))
+    y0, y1, x0, x1 = max(found[0] - outer, 0), min(found[1] + outer, h), max(found[2] - outer, 0), min(found[3] + outer, w)
+    crop, img = mask[y0:y1, x0:x1].astype(np.uint8), image[y0:y1, x0:x1]
+    ring = (cv2.dilate(crop, _disc_kernel(outer)) > 0) & ~(cv2.dilate(crop, _disc_kernel(inner)) > 0)
+    inside = crop > 0
+    if ring.sum() < 50 or inside.sum() < 50:
+        return out
+    rng = np.random.default_rng(settings.seed)
+
+    def subsample(sel: np.ndarray, n: int = 4000) -> np.ndarray:
+        pixels = img[sel]
+        return pixels[rng.choice(len(pixels), n, replace=False)] if len(pixels) > n else pixels
+
+    product_pixels = img[inside].astype(np.float64)
+    candidates = np.zeros(len(product_pixels), dtype=bool)
+    for _ in range(2):  # the second fit leaves the first round's background-coloured pixels out of the product's model
+        keep = inside.copy()
+        keep[inside] = ~candidates
+        bg_samples, fg_samples = subsample(ring), subsample(keep)
+        if len(fg_samples) < 50:
+            return out
+        samples = np.concatenate([bg_samples, fg_samples]).astype(np.uint8)
+        bgd, fgd = _colour_models(samples, np.arange(len(samples)) >= len(bg_samples), settings.seed)
+        ratio = _gmm_log_likelihood(product_pixels, bgd) - _gmm_log_likelihood(product_pixels, fgd)
+        candidates = ratio > settings.see_through_margin
+    region, likelier = np.zeros(crop.shape, np.uint8), np.zeros(crop.shape, bool)
+    region[inside], likelier[inside] = candidates, ratio > 0
+    kernel = _disc_kernel(settings.see_through_min_radius_px)
+    core = cv2.morphologyEx(region, cv2.MORPH_OPEN, kernel) > 0
+    # The opening rounds the core's corners off, and the opening's rim mixes product and background
+    # (and JPEG's ringing): take every connected patch of pixels at all likelier background that
+    # touches a core.
+    count, labels = cv2.connectedComponents(likelier.astype(np.uint8), connectivity=8)
+    touched = np.zeros(count, dtype=bool)
+    touched[np.unique(labels[core])] = True
+    touched[0] = False
+    out[y0:y1, x0:x1] = touched[labels]
+    return out
