@@ -8,7 +8,7 @@ import torch
 from skimage.metrics import structural_similarity
 
 from tasks.nerf.dataset import Capture
-from tasks.nerf.evaluate import evaluate_frames, object_ssim, ssim_map
+from tasks.nerf.evaluate import background_plate, composite_on_plate, evaluate_frames, object_ssim, ssim_map
 
 H, W = 48, 64
 
@@ -95,4 +95,40 @@ def test_evaluate_frames_reports_ssim_next_to_psnr():
     # Pooled over object pixels: the mean of per-frame sums over the total count.
     sums = [object_ssim(b, t, m.bool()) for b, t, m in zip(blurred, truths, masks)]
     assert worse["ssim_object"] == pytest.approx(sum(s for s, _ in sums) / sum(n for _, n in sums), rel=1e-6)
-    assert evaluate_frames(ReplayField([], []), capture, []) == {"psnr_object": None, "ssim_object": None, "mask_iou": None}
+    empty = evaluate_frames(ReplayField([], []), capture, [])
+    assert empty == {"psnr_object": None, "psnr_object_on_black": None, "ssim_object": None, "mask_iou": None}
+
+
+def soft_silhouette_frame(background=(0.32, 0.52, 0.40)):
+    """A disc of product over a plain background with anti-aliased edge pixels, as a renderer makes them.
+
+    → frame ``[H, W, 3]``, coverage ``[H, W]`` in 0..1, product colour ``[H, W, 3]``, mask (coverage > 0.5)."""
+    yy, xx = torch.meshgrid(torch.arange(H * 4.0), torch.arange(W * 4.0), indexing="ij")
+    fine = (((yy - 96) / 60) ** 2 + ((xx - 120) / 80) ** 2 <= 1).float()
+    coverage = torch.nn.functional.avg_pool2d(fine[None, None], 4)[0, 0]  # 4 x 4 supersampling
+    ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    colour = torch.stack([0.6 + 0.2 * torch.sin(xs / 3.0), 0.5 + 0.2 * torch.cos(ys / 4.0), 0.3 + 0 * xs], -1)
+    frame = coverage[..., None] * colour + (1 - coverage[..., None]) * torch.tensor(background)
+    return frame, coverage, colour, coverage > 0.5
+
+
+def test_the_plate_is_the_background_behind_the_product():
+    frame, _, _, mask = soft_silhouette_frame()
+    plate = background_plate(frame, mask)
+    torch.testing.assert_close(plate[mask], torch.tensor([0.32, 0.52, 0.40]).expand(int(mask.sum()), 3), atol=1e-5, rtol=0)
+    everything = torch.ones(H, W, dtype=torch.bool)  # no background at all: black, not a division by zero
+    assert torch.equal(background_plate(frame, everything), torch.zeros(H, W, 3))
+
+
+def test_a_perfect_field_scores_high_on_silhouette_pixels_where_on_black_it_cannot():
+    frame, coverage, colour, mask = soft_silhouette_frame()
+    capture = capture_of([(frame, mask)])
+    perfect = ReplayField([coverage[..., None] * colour], [coverage])  # premultiplied on black, exact alpha
+    figures = evaluate_frames(perfect, capture, [0])
+    assert figures["psnr_object"] > 45  # only the uint8 rounding of the frame is left
+    assert figures["psnr_object_on_black"] < figures["psnr_object"] - 10  # the edges' background share counted as error
+    # Missing opacity still costs: a field that left the product's inside half transparent.
+    faint = ReplayField([0.5 * coverage[..., None] * colour], [0.5 * coverage])
+    assert evaluate_frames(faint, capture, [0])["psnr_object"] < 20
+    composited = composite_on_plate(perfect.renders[0], perfect.alphas[0], background_plate(frame, mask))
+    torch.testing.assert_close(composited, frame, atol=2e-5, rtol=0)

@@ -1,14 +1,21 @@
 """Honest quality numbers of a trained field on whole frames of the capture.
 
-``psnr_object``: render the frame from its camera and compare with the true frame on the
-product's pixels only (mask = 255). The rendering is premultiplied on black, so missing
-opacity on the product costs PSNR instead of being hidden by a background. The squared
-error is pooled over all object pixels of all given frames before taking the log.
+``psnr_object``: render the frame from its camera, composite the rendering over the frame's own
+background, and compare with the true frame on the product's pixels only (mask = 255). The
+background behind the product is not in the frame, so it is a *plate* estimated from the
+frame's background pixels nearby (``background_plate``: a normalised blur of the pixels
+outside the mask grown by ``PLATE_GAP_PX``). Why composite: the silhouette's pixels are part
+product, part background, and the mask counts them as product; compared on black, that
+background share is an error no field can avoid. On the 1080p basket the turntable's own
+renderer scored only 29.8 dB that way on our masks (36.3 dB composited), so the old figure
+measured the masks' edge, not the field. Missing opacity on the product still costs: the
+plate shows through where the frame shows product. ``psnr_object_on_black`` keeps the old,
+rendering-on-black figure. The squared error is pooled over all object pixels of all given
+frames before taking the log.
 
 ``ssim_object``: SSIM (Wang et al. 2004) on the same pixels, composited the same way. Both
-images are put on black outside the mask — the true frame × mask and the rendering (already
-premultiplied on black) × mask — so, as for PSNR, only object pixels differ and the real
-background never counts; missing opacity darkens the rendering and costs SSIM. Per colour
+images are put on black outside the mask — the true frame × mask and the composited rendering
+× mask — so only object pixels differ and the real background never counts. Per colour
 channel, 11 × 11 Gaussian window (σ = 1.5, truncated, normalised), K1 = 0.01, K2 = 0.03 for a
 data range of 1, population (not sample) statistics: the constants of the paper and of
 scikit-image's ``structural_similarity(gaussian_weights=True, use_sample_covariance=False)``.
@@ -37,6 +44,32 @@ from tasks.nerf.field import NgpRadianceField
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
+PLATE_GAP_PX = 2  # background pixels this near the mask may still mix in product: left out of the plate
+PLATE_RADIUS_PX = 8  # box-blur radius of the plate (applied twice: about a Gaussian of sigma 6.5 px)
+
+
+def background_plate(image: Tensor, mask: Tensor, gap: int = PLATE_GAP_PX, radius: int = PLATE_RADIUS_PX) -> Tensor:
+    """The background behind the product, estimated from the frame's background pixels nearby.
+
+    image ``[H, W, 3]`` float 0..1, mask ``[H, W]`` bool (True = product) → plate ``[H, W, 3]``:
+    a normalised blur of the pixels outside the mask grown by ``gap``; where none are within
+    reach, the mean of all of them (or black in a frame that is all product).
+    """
+    grown = F.max_pool2d(mask[None, None].float(), 2 * gap + 1, stride=1, padding=gap)[0, 0] if gap else mask.float()
+    weight = (1.0 - grown)[None, None]  # [1, 1, H, W]
+    values = image.float().permute(2, 0, 1)[None] * weight  # [1, 3, H, W]
+    for _ in range(2):
+        values = F.avg_pool2d(values, 2 * radius + 1, stride=1, padding=radius, count_include_pad=False)
+        weight = F.avg_pool2d(weight, 2 * radius + 1, stride=1, padding=radius, count_include_pad=False)
+    background = grown < 0.5
+    fallback = image.float()[background].mean(0) if bool(background.any()) else image.new_zeros(3, dtype=torch.float32)
+    plate = (values / weight.clamp(min=1e-6))[0].permute(1, 2, 0)
+    return torch.where(weight[0, 0, ..., None] > 1e-4, plate, fallback)
+
+
+def composite_on_plate(rgb: Tensor, alpha: Tensor, plate: Tensor) -> Tensor:
+    """A rendering premultiplied on black (rgb ``[H, W, 3]``, alpha ``[H, W]``) over the plate ``[H, W, 3]``."""
+    return rgb.float() + (1.0 - alpha.float())[..., None] * plate
 
 
 def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA, device: torch.device | str = "cpu") -> Tensor:
@@ -67,7 +100,7 @@ def ssim_map(x: Tensor, y: Tensor, size: int = SSIM_WINDOW, sigma: float = SSIM_
 def object_ssim(rendered: Tensor, truth: Tensor, mask: Tensor) -> tuple[float, int]:
     """Sum of the per-pixel SSIM (mean of the channels) over the object pixels, and their count.
 
-    rendered, truth ``[H, W, 3]`` 0..1 (rendered premultiplied on black), mask ``[H, W]`` bool.
+    rendered, truth ``[H, W, 3]`` 0..1, mask ``[H, W]`` bool.
     Both go on black outside the mask; the map is taken on the mask's box padded by the
     window's radius with zeros (see the module docstring).
     """
@@ -87,25 +120,27 @@ def object_ssim(rendered: Tensor, truth: Tensor, mask: Tensor) -> tuple[float, i
 
 
 def evaluate_frames(field: NgpRadianceField, capture: Capture, frame_ids: Sequence[int]) -> dict[str, float | None]:
-    """Object PSNR (dB), object SSIM and mask IoU over ``frame_ids``; ``None`` when there are no frames."""
-    squared_error, object_values, intersection, union = 0.0, 0, 0, 0
+    """Object PSNR (dB; composited and on black), object SSIM and mask IoU over ``frame_ids``; ``None`` without frames."""
+    squared_error, squared_error_black, object_values, intersection, union = 0.0, 0.0, 0, 0, 0
     ssim_sum, ssim_pixels = 0.0, 0
     for i in frame_ids:
         view = field.render(capture.c2w[i], capture.intrinsics[i], capture.width, capture.height)
         truth = capture.images[i].float() / 255.0
         mask = capture.masks[i]
-        squared_error += float(((view["rgb"] - truth)[mask] ** 2).sum())
+        composited = composite_on_plate(view["rgb"], view["alpha"], background_plate(truth, mask))
+        squared_error += float(((composited - truth)[mask] ** 2).sum())
+        squared_error_black += float(((view["rgb"] - truth)[mask] ** 2).sum())
         object_values += int(mask.sum()) * 3
-        frame_ssim, pixels = object_ssim(view["rgb"], truth, mask)
+        frame_ssim, pixels = object_ssim(composited, truth, mask)
         ssim_sum, ssim_pixels = ssim_sum + frame_ssim, ssim_pixels + pixels
         rendered_mask = view["alpha"] > 0.5
         intersection += int((rendered_mask & mask).sum())
         union += int((rendered_mask | mask).sum())
     if not frame_ids or object_values == 0:
-        return {"psnr_object": None, "ssim_object": None, "mask_iou": None}
-    mse = max(squared_error / object_values, 1e-10)
+        return {"psnr_object": None, "psnr_object_on_black": None, "ssim_object": None, "mask_iou": None}
     return {
-        "psnr_object": -10.0 * math.log10(mse),
+        "psnr_object": -10.0 * math.log10(max(squared_error / object_values, 1e-10)),
+        "psnr_object_on_black": -10.0 * math.log10(max(squared_error_black / object_values, 1e-10)),
         "ssim_object": ssim_sum / ssim_pixels,
         "mask_iou": intersection / max(union, 1),
     }

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from tasks.nerf.base import TrainReport, register_backend
+from tasks.nerf.evaluate import background_plate, composite_on_plate
 from tasks.nerf.external import (
     MeshBackedBackend, PreparedCapture, padded_box, prepare_rgba_capture, split_settings, warn_ignored, write_transforms,
 )
@@ -159,24 +160,29 @@ def _train_loop(testbed: Any, s: InstantNgpSettings, progress: Callable[[int, in
 def _evaluate_holdout(testbed: Any, prepared: PreparedCapture, holdout_json: Path, s: InstantNgpSettings, out_dir: Path) -> dict[str, Any]:
     """Render every held-out view in instant-ngp; object PSNR and mask IoU against the original frames.
 
-    The squared error is pooled over all object pixels of all held-out frames before the log, as
-    tasks/nerf/evaluate.py does for the ngp backend.
+    As tasks/nerf/evaluate.py does for the ngp backend: the rendering is composited over the
+    frame's background plate, and the squared error pooled over all object pixels of all held-out
+    frames before the log (``psnr_holdout_object_on_black``: the rendering on black instead).
     """
     ids = list(prepared.holdout_ids[: s.eval_max_frames or None])
     if not ids:
-        return {"psnr_holdout_object": None, "mask_iou_holdout": None, "holdout_frames": 0}
+        return {"psnr_holdout_object": None, "psnr_holdout_object_on_black": None, "mask_iou_holdout": None, "holdout_frames": 0}
     testbed.shall_train = False
     testbed.background_color = [0.0, 0.0, 0.0, 0.0]
     testbed.snap_to_pixel_centers = True
     testbed.load_training_data(str(holdout_json))
-    squared, values, inter, union = 0.0, 0, 0, 0
+    squared, squared_black, values, inter, union = 0.0, 0.0, 0, 0, 0
     for view, k in enumerate(ids):
         truth = cv2.imread(str(prepared.sources[k][0]), cv2.IMREAD_COLOR)[..., ::-1].astype(np.float64) / 255.0
         mask = cv2.imread(str(prepared.sources[k][1]), cv2.IMREAD_GRAYSCALE) > 127
         testbed.set_camera_to_training_view(view)
         out = testbed.render(truth.shape[1], truth.shape[0], s.eval_spp, False)  # sRGB, premultiplied on black
         rgba = np.asarray(out[0] if isinstance(out, tuple) else out, np.float64)
-        squared += float(((rgba[..., :3] - truth)[mask] ** 2).sum())
+        composited = composite_on_plate(
+            torch.from_numpy(rgba[..., :3]), torch.from_numpy(rgba[..., 3]), background_plate(torch.from_numpy(truth), torch.from_numpy(mask))
+        ).numpy()
+        squared += float(((composited - truth)[mask] ** 2).sum())
+        squared_black += float(((rgba[..., :3] - truth)[mask] ** 2).sum())
         values += int(mask.sum()) * 3
         rendered = rgba[..., 3] > 0.5
         inter += int((rendered & mask).sum())
@@ -185,7 +191,9 @@ def _evaluate_holdout(testbed: Any, prepared: PreparedCapture, holdout_json: Pat
             strip = np.concatenate([truth, np.clip(rgba[..., :3], 0, 1), np.repeat(np.clip(rgba[..., 3:], 0, 1), 3, -1)], 1)
             cv2.imwrite(str(out_dir / f"preview_{k:04d}.png"), (strip[..., ::-1] * 255).round().astype(np.uint8))
     psnr = -10.0 * math.log10(max(squared / values, 1e-10)) if values else None
-    return {"psnr_holdout_object": psnr, "mask_iou_holdout": inter / max(union, 1), "holdout_frames": len(ids)}
+    psnr_black = -10.0 * math.log10(max(squared_black / values, 1e-10)) if values else None
+    return {"psnr_holdout_object": psnr, "psnr_holdout_object_on_black": psnr_black,
+            "mask_iou_holdout": inter / max(union, 1), "holdout_frames": len(ids)}
 
 
 def train_instant_ngp(

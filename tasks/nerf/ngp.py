@@ -245,6 +245,7 @@ def _train(
         device=str(device),
         extra={
             "psnr_holdout_object": holdout["psnr_object"],
+            "psnr_holdout_object_on_black": holdout["psnr_object_on_black"],
             "psnr_train_object": train_eval["psnr_object"],
             "ssim_holdout_object": holdout["ssim_object"],
             "ssim_train_object": train_eval["ssim_object"],
