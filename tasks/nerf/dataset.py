@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 _DISTORTION_KEYS = ("k1", "k2", "p1", "p2")
@@ -164,6 +165,13 @@ def load_capture(transforms: Path, downscale: int, holdout_every: int, device: t
         train_ids=train_ids,
         holdout_ids=holdout_ids,
     )
+
+
+def grow_mask(mask: Tensor, pixels: int) -> Tensor:
+    """A mask ``[H, W]`` bool grown by ``pixels`` in every direction (a square window). → ``[H, W]`` bool."""
+    if pixels <= 0:
+        return mask
+    return F.max_pool2d(mask[None, None].float(), 2 * pixels + 1, stride=1, padding=pixels)[0, 0] > 0
 
 
 def aabb_pixel_rects(capture: Capture, aabb: Tensor) -> Tensor:

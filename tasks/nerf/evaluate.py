@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tasks.nerf.dataset import Capture
+from tasks.nerf.dataset import Capture, grow_mask
 from tasks.nerf.field import NgpRadianceField
 
 SSIM_WINDOW = 11
@@ -55,13 +55,12 @@ def background_plate(image: Tensor, mask: Tensor, gap: int = PLATE_GAP_PX, radiu
     a normalised blur of the pixels outside the mask grown by ``gap``; where none are within
     reach, the mean of all of them (or black in a frame that is all product).
     """
-    grown = F.max_pool2d(mask[None, None].float(), 2 * gap + 1, stride=1, padding=gap)[0, 0] if gap else mask.float()
-    weight = (1.0 - grown)[None, None]  # [1, 1, H, W]
+    background = ~grow_mask(mask, gap)
+    weight = background.float()[None, None]  # [1, 1, H, W]
     values = image.float().permute(2, 0, 1)[None] * weight  # [1, 3, H, W]
     for _ in range(2):
         values = F.avg_pool2d(values, 2 * radius + 1, stride=1, padding=radius, count_include_pad=False)
         weight = F.avg_pool2d(weight, 2 * radius + 1, stride=1, padding=radius, count_include_pad=False)
-    background = grown < 0.5
     fallback = image.float()[background].mean(0) if bool(background.any()) else image.new_zeros(3, dtype=torch.float32)
     plate = (values / weight.clamp(min=1e-6))[0].permute(1, 2, 0)
     return torch.where(weight[0, 0, ..., None] > 1e-4, plate, fallback)

@@ -15,10 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from tasks.nerf.dataset import Capture
+from tasks.nerf.dataset import Capture, grow_mask
 from tasks.nerf.rays import pixel_rays
 
 
@@ -74,10 +73,8 @@ def training_pixels(
         cols = torch.arange(w, device=device)
         rows = torch.arange(h, device=device)
         for frame, (u0, v0, u1, v1) in zip(frame_ids.tolist(), rects.tolist()):
-            mask = capture.masks[frame].float()[None, None]
-            if margin_px:
-                mask = F.max_pool2d(mask, 2 * margin_px + 1, stride=1, padding=margin_px)
-            inside = (mask[0, 0] > 0) & ((rows >= v0) & (rows < v1))[:, None] & ((cols >= u0) & (cols < u1))[None, :]
+            grown = grow_mask(capture.masks[frame], margin_px)
+            inside = grown & ((rows >= v0) & (rows < v1))[:, None] & ((cols >= u0) & (cols < u1))[None, :]
             pools.append(inside.flatten().nonzero()[:, 0] + frame * h * w)
     object_pixels = torch.cat(pools) if pools else torch.zeros(0, dtype=torch.int64, device=device)
     return TrainingPixels(frame_ids, rects, object_pixels, object_fraction)
