@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 import torch
 
+from bench.quality import source_index_by_name, true_mask
 from bench.records import load_records, run_parser
 from tasks.nerf.base import get_backend
 from tasks.nerf.dataset import _camera_matrix, load_capture
@@ -37,25 +38,6 @@ def _psnr(squared_error: float, values: int) -> float | None:
     return -10.0 * math.log10(max(squared_error / values, 1e-10)) if values else None
 
 
-def true_mask(truth_dir: Path, source_index: int, width: int, height: int,
-              undistort: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-    """The turntable's mask of video frame ``source_index`` at ``width`` x ``height``. → ``[H, W]`` bool.
-
-    ``undistort`` = (K, distortion) of the frame as solved: the mask is resampled the way the
-    training capture resamples its frames and masks (tasks/nerf/dataset.py), so both line up.
-    """
-    path = Path(truth_dir) / "masks" / f"frame_{source_index:05d}.png"
-    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if mask is None:
-        raise FileNotFoundError(f"true mask {path} is missing; render the turntable again with tools/turntable.py")
-    mask = np.where(cv2.resize(mask, (width, height), interpolation=cv2.INTER_AREA) > 127, 255, 0).astype(np.uint8)
-    if undistort is not None and np.any(undistort[1] != 0):
-        k, dist = undistort
-        map_x, map_y = cv2.initUndistortRectifyMap(k, dist, None, k, (width, height), cv2.CV_32FC1)
-        mask = cv2.remap(mask, map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    return mask > 127
-
-
 def holdout_errors(run: Path, turntable: Path, edge_px: int = 2, device: str = "auto") -> tuple[dict[str, Any], dict[str, Any]]:
     """Per-frame and pooled figures (see the module doc), and the worst frame's images for the figure."""
     records = load_records(run)
@@ -64,7 +46,7 @@ def holdout_errors(run: Path, turntable: Path, edge_px: int = 2, device: str = "
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     field = get_backend(trained.backend).load(trained.dir, dev)
     capture = load_capture(masks.transforms, int(settings.get("downscale", 1)), int(settings.get("holdout_every", 8)), dev)
-    by_name = {Path(f["file"]).name: f["source_index"] for f in json.loads(Path(records["frames"].index).read_text())["frames"]}
+    by_name = source_index_by_name(records["frames"].index)
     kernel = np.ones((2 * edge_px + 1, 2 * edge_px + 1), np.uint8)
     meta = json.loads(Path(masks.transforms).read_text())
     frame_meta = {str(f["file_path"]): f for f in meta["frames"]}

@@ -27,6 +27,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from bench.quality import source_index_by_name, true_mask
 from bench.records import load_records
 from flows.config import compose_config
 from tasks.detect import detect_product, detector_settings
@@ -54,8 +55,7 @@ def score_masks(masks_transforms: Path, truth_dir: Path, source_index: dict[str,
         name = Path(frame["file_path"]).name
         index = source_index[name] if source_index else int(re.findall(r"\d+", name)[-1])
         pred = cv2.imread(str(root / frame["mask_path"]), cv2.IMREAD_GRAYSCALE) > 127
-        true = cv2.imread(str(Path(truth_dir) / "masks" / f"frame_{index:05d}.png"), cv2.IMREAD_GRAYSCALE)
-        true = cv2.resize(true, pred.shape[::-1], interpolation=cv2.INTER_AREA) > 127
+        true = true_mask(truth_dir, index, pred.shape[1], pred.shape[0])
         ious.append((pred & true).sum() / max((pred | true).sum(), 1))
         added += int((pred & ~true).sum())
         missed += int((true & ~pred).sum())
@@ -98,7 +98,7 @@ def main() -> None:
         if args.turntable is None:
             parser.error("--run needs --turntable")
         done = load_records(args.run)
-        by_name = {Path(f["file"]).name: f["source_index"] for f in json.loads(Path(done["frames"].index).read_text())["frames"]}
+        by_name = source_index_by_name(done["frames"].index)
         jobs.append((f"run_{args.turntable.name}", done["colmap"], done["detect"], args.turntable / "truth", args.out / f"run_{args.turntable.name}", by_name))
     for name, rig, boxes, truth, folder, by_name in jobs:
         started = time.perf_counter()

@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 import torch
 
+from bench.quality import source_index_by_name
 from bench.records import load_records, run_parser
 from tasks.nerf.evaluate import background_plate, composite_on_plate
 from tools import turntable
@@ -66,7 +67,7 @@ def perfect_ceiling(run: Path, turntable_dir: Path, holdout_every: int = 8) -> d
     records = load_records(run)
     transforms = Path(records["segment"].transforms)
     frames = sorted(json.loads(transforms.read_text())["frames"], key=lambda f: str(f["file_path"]))
-    by_name = {Path(f["file"]).name: f["source_index"] for f in json.loads(Path(records["frames"].index).read_text())["frames"]}
+    by_name = source_index_by_name(records["frames"].index)
     render = _true_renderer(json.loads((Path(turntable_dir) / "truth" / "meta.json").read_text()))
     sums = {"on_black": 0.0, "composited": 0.0}
     values, rows = 0, []

@@ -19,11 +19,35 @@ from tests.truth import align_similarity, camera_errors, load_truth_cameras
 Y_UP_TO_Z_UP = np.array([[1.0, 0, 0], [0, 0, -1.0], [0, 1.0, 0]])  # inverse of the GLB export's turn
 
 
+def source_index_by_name(frames_json: Path) -> dict[str, int]:
+    """Frame file name → the index of the video frame it came from (``frames.json``)."""
+    return {Path(f["file"]).name: f["source_index"] for f in json.loads(Path(frames_json).read_text())["frames"]}
+
+
 def source_indices(frames_json: Path, transforms: Path) -> list[int]:
     """For each frame of ``transforms.json``, the index of the video frame it came from."""
-    frames = json.loads(Path(frames_json).read_text())["frames"]
-    by_name = {Path(f["file"]).name: f["source_index"] for f in frames}
+    by_name = source_index_by_name(frames_json)
     return [by_name[Path(f["file_path"]).name] for f in json.loads(Path(transforms).read_text())["frames"]]
+
+
+def true_mask(truth_dir: Path, source_index: int, width: int, height: int,
+              undistort: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """The turntable's mask of video frame ``source_index`` at ``width`` x ``height``. → ``[H, W]`` bool.
+
+    Shrunk the way the frames stage shrinks frames (area averaging), thresholded at one half.
+    ``undistort`` = (K, distortion) of the frame as solved: the mask is resampled the way the
+    training capture resamples its frames and masks (tasks/nerf/dataset.py), so both line up.
+    """
+    path = Path(truth_dir) / "masks" / f"frame_{source_index:05d}.png"
+    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise FileNotFoundError(f"true mask {path} is missing; render the turntable again with tools/turntable.py")
+    mask = np.where(cv2.resize(mask, (width, height), interpolation=cv2.INTER_AREA) > 127, 255, 0).astype(np.uint8)
+    if undistort is not None and np.any(undistort[1] != 0):
+        k, dist = undistort
+        map_x, map_y = cv2.initUndistortRectifyMap(k, dist, None, k, (width, height), cv2.CV_32FC1)
+        mask = cv2.remap(mask, map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return mask > 127
 
 
 def camera_quality(frames_json: Path, transforms: Path, truth_dir: Path) -> dict[str, float]:

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from bench.holdout_errors import true_mask, worst_frame_figure
+from bench.holdout_errors import worst_frame_figure
 from bench.mask_sets import score_masks
+from bench.quality import true_mask
 from tasks.nerf.dataset import load_capture
 
 H, W = 60, 80
