@@ -22,7 +22,7 @@ from bench import quality
 from bench.records import load_records, save_records
 from bench.targets import check_targets, targets_markdown
 from flows.config import compose_config
-from tasks import colmap, detect, mesh, segment, shard, train
+from tasks import detect, mesh, segment, shard, train
 from tasks.types import FrameSet, VideoInput
 
 
@@ -59,7 +59,8 @@ def existing_frames(folder: Path) -> FrameSet:
 
 
 def run(
-    turntable: Path, out: Path, overrides: list[str], frames_dir: Path | None, reuse: Path | None = None
+    turntable: Path, out: Path, overrides: list[str], frames_dir: Path | None, reuse: Path | None = None,
+    until: str | None = None,
 ) -> dict[str, Any]:
     cfg = compose_config(overrides)
     truth = turntable / "truth"
@@ -78,12 +79,20 @@ def run(
     else:
         stills = existing_frames(frames_dir)
     if reuse is None:
+        from tasks import colmap  # pycolmap: only where cameras are solved (a --reuse run needs none)
+
         rig = _timed(rows, "colmap", lambda: colmap.solve_cameras(
             stills, out / "colmap", colmap.ColmapSettings(**cfg["colmap"]), "c"))
         boxes = _timed(rows, "detect", lambda: detect.detect_product(
             rig, out / "detect", detect.detector_settings(cfg["detector"]), "d"))
         masks = _timed(rows, "segment", lambda: segment.segment_product(
             rig, boxes, out / "segment", segment.segmenter_settings(cfg["segmenter"]), "s"))
+    if until == "segment":
+        # Cameras and masks only (e.g. made on a CPU machine for a later --reuse on the GPU one).
+        save_records(out, {"frames": stills, "colmap": rig, "detect": boxes, "segment": masks})
+        result = {"turntable": str(turntable), "overrides": overrides, "stages": rows}
+        (out / "results.json").write_text(json.dumps(result, indent=1))
+        return result
     field = _timed(rows, "train", lambda: train.train_field(masks, out / "train", cfg["nerf"], "t"))
     device = "cuda" if cfg["nerf"].get("device") == "cuda" else "cpu"
     asset = _timed(rows, "mesh", lambda: mesh.extract_mesh(
@@ -143,9 +152,10 @@ def main() -> None:
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--frames", type=Path, default=None, help="use frames extracted earlier")
     parser.add_argument("--reuse", type=Path, default=None, help="start at train with the cameras and masks of this earlier run")
+    parser.add_argument("--until", choices=["segment"], default=None, help="stop after this stage (records.json for --reuse)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. nerf.steps=2000")
     args = parser.parse_args()
-    run(args.turntable, args.out, [f"profile={args.profile}", *args.overrides], args.frames, args.reuse)
+    run(args.turntable, args.out, [f"profile={args.profile}", *args.overrides], args.frames, args.reuse, args.until)
 
 
 if __name__ == "__main__":

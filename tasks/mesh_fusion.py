@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import cv2
 import numpy as np
@@ -40,6 +40,7 @@ class FusionSettings:
     long_side: int = 384
     truncation_voxels: float = 4.0
     min_alpha: float = 0.5
+    surface_opacity: float = 0.5
     carve_fraction: float = 0.1
     open_fraction: float = 0.05
     close_base: bool = True
@@ -49,7 +50,8 @@ class FusionSettings:
     def __post_init__(self) -> None:
         checks = {
             "views": self.views >= 1, "long_side": self.long_side >= 16, "truncation_voxels": self.truncation_voxels > 0,
-            "min_alpha": 0 < self.min_alpha < 1, "carve_fraction": 0 <= self.carve_fraction < 1,
+            "min_alpha": 0 < self.min_alpha < 1,
+            "surface_opacity": 0 < self.surface_opacity < 1, "carve_fraction": 0 <= self.carve_fraction < 1,
             "open_fraction": 0 <= self.open_fraction < 1, "base_percentile": 0 <= self.base_percentile < 100,
             "base_thickness_voxels": self.base_thickness_voxels >= 0,
         }
@@ -57,7 +59,7 @@ class FusionSettings:
         if bad:
             raise ValueError(
                 "mesh.fusion: " + ", ".join(f"{key}={getattr(self, key)!r}" for key in bad) + " out of range "
-                "(views ≥ 1, long_side ≥ 16, truncation_voxels > 0, min_alpha in (0, 1), fractions in [0, 1), "
+                "(views ≥ 1, long_side ≥ 16, truncation_voxels > 0, min_alpha and surface_opacity in (0, 1), fractions in [0, 1), "
                 "base_percentile in [0, 100), base_thickness_voxels ≥ 0)"
             )
 
@@ -91,14 +93,58 @@ def _crop(mask: np.ndarray, long_side: int) -> tuple[int, int, float, int, int]:
     return int(x0), int(y0), scale, max(1, int(round((x1 - x0) * scale))), max(1, int(round((y1 - y0) * scale)))
 
 
-def _surface_depth(out: dict[str, Tensor], min_alpha: float) -> Tensor:
+def _surface_depth(out: dict[str, Tensor], settings: FusionSettings) -> Tensor:
     """Distance to the surface along each ray ``[H, W]`` (nan where the field is not opaque enough).
 
-    The median (opacity crosses one half) when the backend renders it, else the mean termination.
+    Where the opacity reaches ``surface_opacity`` when the backend renders it, else the mean
+    termination (an opaque renderer's depth).
     """
     alpha = out["alpha"].float()
-    depth = out["depth_median"].float() if "depth_median" in out else out["depth"].float() / alpha.clamp(min=1e-6)
-    return torch.where(alpha >= min_alpha, depth, torch.full_like(depth, float("nan")))
+    if "depth_surface" in out:
+        depth, enough = out["depth_surface"].float(), alpha >= max(settings.min_alpha, settings.surface_opacity)
+    else:
+        depth, enough = out["depth"].float() / alpha.clamp(min=1e-6), alpha >= settings.min_alpha
+    return torch.where(enough, depth, torch.full_like(depth, float("nan")))
+
+
+@dataclass(frozen=True)
+class FusionView:
+    """One view the fusion renders: the product's crop of a frame, in the field's pinhole camera.
+
+    ``c2w [4, 4]`` (OpenGL), full-frame ``intrinsics`` (fx, fy, cx, cy) and ``size`` (w, h);
+    ``crop`` = (x0, y0, scale) and ``crop_size`` (w, h) of the rendered crop, ``crop_k [4]`` its
+    intrinsics, ``crop_mask [h, w]`` (bool) the mask sampled on the crop's pixel centres.
+    """
+
+    index: int
+    c2w: Tensor
+    intrinsics: tuple[float, float, float, float]
+    size: tuple[int, int]
+    crop: tuple[int, int, float]
+    crop_size: tuple[int, int]
+    crop_k: Tensor
+    crop_mask: Tensor
+
+
+def fusion_views(transforms: Path, settings: FusionSettings) -> Iterator[FusionView]:
+    """The ``settings.views`` evenly picked frames of ``transforms`` whose mask shows the product."""
+    cams = load_views(transforms)
+    frames = cams.raw["frames"]
+    picks = np.unique(np.linspace(0, len(cams) - 1, min(settings.views, len(cams))).round().astype(int))
+    for index in picks:
+        w, h = (int(v) for v in cams.sizes[index])
+        mask = _undistorted_mask(Path(transforms).parent / frames[index]["mask_path"], cams.intrinsics[index], cams.distortion[index], (w, h))
+        if not mask.any():
+            continue
+        x0, y0, scale, cw, ch = _crop(mask, settings.long_side)
+        fx, fy, cx, cy = (float(value) for value in cams.intrinsics[index])
+        crop_k = torch.tensor([fx * scale, fy * scale, (cx - x0) * scale, (cy - y0) * scale], dtype=torch.float32)
+        # The mask on the crop's pixel centres, so voxels land on the same pixels in both.
+        us = ((torch.arange(cw) + 0.5) / scale + x0).long().clamp(0, w - 1)
+        vs = ((torch.arange(ch) + 0.5) / scale + y0).long().clamp(0, h - 1)
+        crop_mask = torch.from_numpy(mask)[vs[:, None], us[None, :]]
+        c2w = torch.tensor(cams.c2w[index], dtype=torch.float32)
+        yield FusionView(int(index), c2w, (fx, fy, cx, cy), (w, h), (x0, y0, scale), (cw, ch), crop_k, crop_mask)
 
 
 def fuse_depth(
@@ -111,9 +157,6 @@ def fuse_depth(
     (indexed x, y, z; world units, negative inside, clipped to ± the truncation) and a record
     (views used, truncation, base height).
     """
-    cams = load_views(transforms)
-    frames = cams.raw["frames"]
-    picks = np.unique(np.linspace(0, len(cams) - 1, min(settings.views, len(cams))).round().astype(int))
     dev = torch.device(device)
     axes = [torch.linspace(float(box[0, k]), float(box[1, k]), resolution, device=dev) for k in range(3)]
     voxel = float(np.max((box[1] - box[0]) / max(resolution - 1, 1)))
@@ -124,30 +167,20 @@ def fuse_depth(
     slab = max(1, (1 << 22) // (resolution * resolution))
     yz = torch.stack(torch.meshgrid(axes[1], axes[2], indexing="ij"), -1).reshape(-1, 2)
     used = 0
-    for index in picks:
-        w, h = (int(v) for v in cams.sizes[index])
-        mask = _undistorted_mask(Path(transforms).parent / frames[index]["mask_path"], cams.intrinsics[index], cams.distortion[index], (w, h))
-        if not mask.any():
-            continue
+    for view in fusion_views(transforms, settings):
         used += 1
-        x0, y0, scale, cw, ch = _crop(mask, settings.long_side)
-        fx, fy, cx, cy = (float(value) for value in cams.intrinsics[index])
-        crop_k = torch.tensor([fx * scale, fy * scale, (cx - x0) * scale, (cy - y0) * scale], dtype=torch.float32)
-        c2w = torch.tensor(cams.c2w[index], dtype=torch.float32)
+        cw, ch = view.crop_size
         with torch.no_grad():
-            out = field.render(c2w, crop_k, cw, ch)
-        depth = _surface_depth(out, settings.min_alpha).to(dev)
-        # The mask on the crop's pixel centres, so voxels land on the same pixels in both.
-        us = ((torch.arange(cw) + 0.5) / scale + x0).long().clamp(0, w - 1)
-        vs = ((torch.arange(ch) + 0.5) / scale + y0).long().clamp(0, h - 1)
-        crop_mask = torch.from_numpy(mask)[vs[:, None], us[None, :]].to(dev)
+            out = field.render(view.c2w, view.crop_k, cw, ch, surface_opacity=settings.surface_opacity)
+        crop_mask = view.crop_mask.to(dev)
+        depth = _surface_depth(out, settings).to(dev)
         depth = torch.where(crop_mask, depth, torch.full_like(depth, float("nan")))
-        heights.append(_surface_heights(depth, crop_k.to(dev), c2w.to(dev)))
-        view = _View(torch.linalg.inv(c2w).to(dev), (fx, fy, cx, cy), (w, h), (x0, y0, scale), crop_mask, depth)
+        heights.append(_surface_heights(depth, view.crop_k.to(dev), view.c2w.to(dev)))
+        projected = _View(torch.linalg.inv(view.c2w).to(dev), view.intrinsics, view.size, view.crop, crop_mask, depth)
         for start in range(0, resolution, slab):
             xs = axes[0][start : start + slab]
             pts = torch.cat([xs.repeat_interleave(len(yz))[:, None], yz.repeat(len(xs), 1)], 1)
-            grid.add(slice(start * len(yz), start * len(yz) + len(pts)), view, pts, trunc)
+            grid.add(slice(start * len(yz), start * len(yz) + len(pts)), projected, pts, trunc)
     if used == 0:
         raise ValueError(f"no mask of {transforms} shows the product: rerun the segment stage")
     tsdf, observed = grid.result(trunc, settings.carve_fraction)

@@ -12,7 +12,7 @@ import torch
 import trimesh
 
 from tasks.mesh import MeshSettings, extract_mesh
-from tasks.mesh_fusion import FusionSettings, fill_hidden
+from tasks.mesh_fusion import FusionSettings, _surface_depth, fill_hidden
 from tasks.nerf.rays import composite
 from tests.analytic_field import AnalyticField, SphereSpec, write_analytic_field, write_masks
 from tests.test_mesh import FAST, SPHERE, WITH_FLOATER, CENTRE, to_world
@@ -106,16 +106,28 @@ def test_hidden_depths_of_an_open_container_are_empty():
     assert not fill_hidden(observed, free, open_fraction=0.05).any()
 
 
-def test_median_depth_is_where_opacity_crosses_one_half():
+@pytest.mark.parametrize("level", [0.25, 0.5, 0.75])
+def test_surface_depth_is_where_opacity_reaches_the_level(level):
     t = torch.linspace(0.0, 2.0, 201)[None].repeat(2, 1)
     sigmas = torch.zeros(2, 201)
     sigmas[0, 100:] = 50.0  # a wall at t = 1
-    sigmas[1, 100:] = 0.5  # a faint haze: never half opaque
-    out = composite(sigmas, torch.zeros(2, 201, 3), t, 0.01, median=True)
-    opacity_half = 1.0 + np.log(2) / 50.0
-    assert out["depth_median"][0] == pytest.approx(opacity_half, abs=0.011)
-    assert out["depth_median"][1] == 0.0 and out["alpha"][1] < 0.5
-    assert "depth_median" not in composite(sigmas, torch.zeros(2, 201, 3), t, 0.01)
+    sigmas[1, 100:] = 0.1  # a faint haze: never a quarter opaque
+    out = composite(sigmas, torch.zeros(2, 201, 3), t, 0.01, surface_opacity=level)
+    reached_at = 1.0 - np.log(1.0 - level) / 50.0  # 1 - exp(-50 (t - 1)) = level
+    assert out["depth_surface"][0] == pytest.approx(reached_at, abs=0.011)
+    assert out["depth_surface"][1] == 0.0 and out["alpha"][1] < level
+    assert "depth_surface" not in composite(sigmas, torch.zeros(2, 201, 3), t, 0.01)
+
+
+def test_fusion_takes_the_depth_at_the_surface_opacity_and_drops_faint_rays():
+    out = {"alpha": torch.tensor([0.9, 0.4, 0.7]), "depth": torch.tensor([2.0, 1.0, 1.0]), "depth_surface": torch.tensor([1.5, 0.0, 1.2])}
+    depth = _surface_depth(out, FusionSettings(min_alpha=0.5, surface_opacity=0.6))
+    assert depth[0] == 1.5 and depth[2] == 1.2 and torch.isnan(depth[1])
+    # An opaque renderer's mean depth stands in where no surface depth is rendered.
+    opaque = _surface_depth({"alpha": torch.tensor([1.0, 0.0]), "depth": torch.tensor([2.0, 0.0])}, FusionSettings())
+    assert opaque[0] == 2.0 and torch.isnan(opaque[1])
+    with pytest.raises(ValueError, match="surface_opacity=1.0"):
+        FusionSettings(surface_opacity=1.0)
 
 
 def test_fusion_settings_are_checked():

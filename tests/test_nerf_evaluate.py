@@ -60,7 +60,7 @@ class ReplayField:
     def __init__(self, renders: list[torch.Tensor], alphas: list[torch.Tensor]) -> None:
         self.renders, self.alphas = renders, alphas
 
-    def render(self, c2w, intrinsics, width, height):
+    def render(self, c2w, intrinsics, width, height, surface_opacity=0.5):
         i = int(c2w[0, 3])
         return {"rgb": self.renders[i], "alpha": self.alphas[i], "depth": torch.zeros(height, width)}
 

@@ -44,13 +44,13 @@ def test_segment_cumsum_restarts_at_every_ray():
 def test_packed_compositing_matches_dense_values_and_gradients():
     sigmas, colors, t_mid, keep, flat, samples = dense_batch()
     dense_sigmas = sigmas.clone().requires_grad_(True)
-    dense = composite(dense_sigmas, colors, t_mid, STEP, median=True)
+    dense = composite(dense_sigmas, colors, t_mid, STEP, surface_opacity=0.5)
     packed_sigmas = sigmas.reshape(-1)[flat].clone().requires_grad_(True)
-    packed = composite_packed(packed_sigmas, colors.reshape(-1, 3)[flat], samples, median=True)
-    for key in ("rgb", "alpha", "depth", "depth_median"):
+    packed = composite_packed(packed_sigmas, colors.reshape(-1, 3)[flat], samples, surface_opacity=0.5)
+    for key in ("rgb", "alpha", "depth", "depth_surface"):
         torch.testing.assert_close(packed[key], dense[key], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed["weights"], dense["weights"].reshape(-1)[flat], rtol=1e-5, atol=1e-6)
-    assert packed["alpha"][2] == 0 and packed["depth_median"][2] == 0
+    assert packed["alpha"][2] == 0 and packed["depth_surface"][2] == 0
     # Same loss, same gradient on every kept sample.
     target = torch.rand(sigmas.shape[0], 3, generator=torch.Generator().manual_seed(1))
     ((dense["rgb"] - target) ** 2).sum().backward()
@@ -153,12 +153,12 @@ def test_render_rays_with_early_stop_matches_full_render():
     origins, directions = orbit_rays(128)
     sampler = GridSampler(aabb, STEP, grid)
     with torch.no_grad():
-        full, all_samples = render_rays(model, sampler, origins, directions, jitter=False, median=True)
-        cut, kept = render_rays(model, sampler, origins, directions, jitter=False, median=True, early_stop_eps=1e-4)
+        full, all_samples = render_rays(model, sampler, origins, directions, jitter=False, surface_opacity=0.5)
+        cut, kept = render_rays(model, sampler, origins, directions, jitter=False, surface_opacity=0.5, early_stop_eps=1e-4)
     assert kept.ray_indices.numel() < all_samples.ray_indices.numel() / 2
     for key in ("rgb", "alpha", "depth"):
         torch.testing.assert_close(cut[key], full[key], atol=2e-3, rtol=0)
-    torch.testing.assert_close(cut["depth_median"], full["depth_median"])
+    torch.testing.assert_close(cut["depth_surface"], full["depth_surface"])
 
 
 @pytest.mark.gpu

@@ -30,12 +30,16 @@ class RadianceField(Protocol):
         ``[N, 3], [N, 3]`` → ``[N, 3]``.
         """
 
-    def render(self, c2w: Tensor, intrinsics: Tensor, width: int, height: int) -> dict[str, Tensor]:
+    def render(
+        self, c2w: Tensor, intrinsics: Tensor, width: int, height: int, surface_opacity: float = 0.5
+    ) -> dict[str, Tensor]:
         """Render one view.
 
         c2w ``[4, 4]`` camera-to-world (OpenGL axes), intrinsics ``[4]`` = fx, fy, cx, cy.
         Returns ``rgb [H, W, 3]`` (premultiplied, no background), ``alpha [H, W]``,
-        ``depth [H, W]``.
+        ``depth [H, W]`` (expected distance); a soft field may add ``depth_surface [H, W]``, the
+        distance at which each ray's opacity reaches ``surface_opacity`` (0 where it never does).
+        Opaque renderers (a mesh) may ignore ``surface_opacity``.
         """
 
 

@@ -175,11 +175,11 @@ def render_rays(
     directions: Tensor,
     jitter: bool,
     generator: torch.Generator | None = None,
-    median: bool = False,
+    surface_opacity: float | None = None,
     early_stop_eps: float = 0.0,
 ) -> tuple[dict[str, Tensor], PackedSamples]:
     """Render a batch of rays ``[R, 3], [R, 3]`` → ``rgb [R, 3]`` (premultiplied), ``alpha [R]``,
-    ``depth [R]`` (and ``depth_median [R]`` with ``median``), ``weights [K]`` and ``samples``
+    ``depth [R]`` (and ``depth_surface [R]`` with ``surface_opacity``), ``weights [K]`` and ``samples``
     (how many samples reached the MLPs, a 0-d tensor); and the packed samples themselves.
 
     With ``early_stop_eps > 0`` a density-only pass first drops samples whose transmittance
@@ -192,7 +192,7 @@ def render_rays(
             keep = visible_samples(model.geometry(points)[0], samples, early_stop_eps)
         samples, points = samples.select(keep), points[keep]
     sigma, rgb = model(points, directions[samples.ray_indices])
-    out = composite_packed(sigma, rgb, samples, median)
+    out = composite_packed(sigma, rgb, samples, surface_opacity)
     out["samples"] = torch.tensor(samples.ray_indices.shape[0])
     return out, samples
 
@@ -231,19 +231,22 @@ class NgpRadianceField:
         return torch.cat(parts) if parts else points.new_zeros(0, 3)
 
     @torch.no_grad()
-    def render(self, c2w: Tensor, intrinsics: Tensor, width: int, height: int) -> dict[str, Tensor]:
+    def render(
+        self, c2w: Tensor, intrinsics: Tensor, width: int, height: int, surface_opacity: float = 0.5
+    ) -> dict[str, Tensor]:
         """One view: c2w ``[4, 4]`` (OpenGL), intrinsics ``[4]`` fx, fy, cx, cy →
         ``rgb [H, W, 3]`` (premultiplied), ``alpha [H, W]``, ``depth [H, W]`` (expected distance) and
-        ``depth_median [H, W]`` (where opacity crosses one half; 0 where it never does); rays go in chunks."""
+        ``depth_surface [H, W]`` (where opacity reaches ``surface_opacity``; 0 where it never does);
+        rays go in chunks."""
         c2w = c2w.to(self.device, torch.float32)
         intrinsics = intrinsics.to(self.device, torch.float32)
         v, u = torch.meshgrid(torch.arange(height, device=self.device), torch.arange(width, device=self.device), indexing="ij")
         pixels = torch.stack([u.reshape(-1), v.reshape(-1)], dim=-1)
-        keys = ("rgb", "alpha", "depth", "depth_median")
+        keys = ("rgb", "alpha", "depth", "depth_surface")
         parts: dict[str, list[Tensor]] = {key: [] for key in keys}
         for part in pixels.split(self.chunk):
             origins, directions = pixel_rays(c2w, intrinsics, part)
-            out, _ = render_rays(self.model, self.sampler, origins, directions, jitter=False, median=True, early_stop_eps=self.early_stop_eps)
+            out, _ = render_rays(self.model, self.sampler, origins, directions, jitter=False, surface_opacity=surface_opacity, early_stop_eps=self.early_stop_eps)
             for key in keys:
                 parts[key].append(out[key].float())
         shapes = {"rgb": (height, width, 3)}

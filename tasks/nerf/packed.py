@@ -53,14 +53,31 @@ def segment_cumsum(values: Tensor, ray_indices: Tensor, exclusive: bool) -> Tens
     return (before if exclusive else total) - base
 
 
-def composite_packed(sigmas: Tensor, colors: Tensor, samples: PackedSamples, median: bool = False) -> dict[str, Tensor]:
+def depth_at_opacity(weights: Tensor, samples: PackedSamples, level: float) -> Tensor:
+    """Where each ray's accumulated opacity first reaches ``level``: weights ``[K]`` → ``[R]``.
+
+    The position of the first sample at which the running sum of weights reaches ``level``
+    (0 where the ray never gets that opaque).
+    """
+    rays, n_rays = samples.ray_indices, samples.n_rays
+    reached = segment_cumsum(weights, rays, exclusive=False) >= level
+    order = torch.arange(rays.shape[0], device=rays.device)
+    no_sample = rays.shape[0]
+    first = torch.full((n_rays,), no_sample, device=rays.device, dtype=torch.long)
+    first = first.scatter_reduce(0, rays, torch.where(reached, order, no_sample), reduce="amin")
+    return torch.cat([samples.t_mid, samples.t_mid.new_zeros(1)])[first]
+
+
+def composite_packed(
+    sigmas: Tensor, colors: Tensor, samples: PackedSamples, surface_opacity: float | None = None
+) -> dict[str, Tensor]:
     """Alpha compositing of packed samples, front to back.
 
     sigmas ``[K]``, colors ``[K, 3]`` → ``rgb [R, 3]`` (premultiplied, no background),
     ``alpha [R]`` (accumulated opacity), ``depth [R]`` (expected distance, 0 where empty),
-    ``weights [K]``; with ``median``, also ``depth_median [R]``: the first sample where the
-    opacity reaches one half (0 where it never does). Matches :func:`tasks.nerf.rays.composite`
-    on the same samples.
+    ``weights [K]``; with ``surface_opacity``, also ``depth_surface [R]``: the first sample
+    where the opacity reaches that level (0 where it never does). Matches
+    :func:`tasks.nerf.rays.composite` on the same samples.
     """
     rays, n_rays = samples.ray_indices, samples.n_rays
     optical_depth = sigmas.float() * (samples.t_ends - samples.t_starts)
@@ -75,15 +92,9 @@ def composite_packed(sigmas: Tensor, colors: Tensor, samples: PackedSamples, med
         "depth": zeros.index_add(0, rays, weights * t_mid),
         "weights": weights,
     }
-    if median:
+    if surface_opacity is not None:
         with torch.no_grad():
-            reached = segment_cumsum(weights, rays, exclusive=False) >= 0.5
-            order = torch.arange(rays.shape[0], device=rays.device)
-            no_sample = rays.shape[0]
-            first = torch.full((n_rays,), no_sample, device=rays.device, dtype=torch.long)
-            first = first.scatter_reduce(0, rays, torch.where(reached, order, no_sample), reduce="amin")
-            padded = torch.cat([t_mid, t_mid.new_zeros(1)])
-            out["depth_median"] = torch.where(alpha >= 0.5, padded[first], torch.zeros_like(alpha))
+            out["depth_surface"] = depth_at_opacity(weights, samples, surface_opacity)
     return out
 
 

@@ -66,13 +66,15 @@ def stratified_samples(
     return t_mid, t_mid < t_far[:, None]
 
 
-def composite(sigmas: Tensor, colors: Tensor, t_mid: Tensor, step: float, median: bool = False) -> dict[str, Tensor]:
+def composite(
+    sigmas: Tensor, colors: Tensor, t_mid: Tensor, step: float, surface_opacity: float | None = None
+) -> dict[str, Tensor]:
     """Alpha compositing along each ray (front to back).
 
     sigmas ``[R, S]`` (0 in culled / invalid slots), colors ``[R, S, 3]``, t_mid ``[R, S]``.
     Returns ``rgb [R, 3]`` (premultiplied, no background), ``alpha [R]`` (accumulated
     opacity), ``depth [R]`` (expected distance, 0 where empty), ``weights [R, S]``; with
-    ``median``, also ``depth_median [R]``: where the opacity crosses one half (0 where it never does).
+    ``surface_opacity``, also ``depth_surface [R]``: where the opacity reaches that level (0 where it never does).
     """
     optical_depth = sigmas * step  # [R, S]
     alpha = 1.0 - torch.exp(-optical_depth)
@@ -83,9 +85,10 @@ def composite(sigmas: Tensor, colors: Tensor, t_mid: Tensor, step: float, median
     rgb = (weights[..., None] * colors).sum(-2)
     depth = (weights * t_mid).sum(-1)
     out = {"rgb": rgb, "alpha": accumulated, "depth": depth, "weights": weights}
-    if median:
-        crossed = (torch.cumsum(weights, dim=-1) < 0.5).sum(-1).clamp(max=t_mid.shape[-1] - 1)
-        out["depth_median"] = torch.where(accumulated >= 0.5, t_mid.gather(-1, crossed[:, None])[:, 0], torch.zeros_like(depth))
+    if surface_opacity is not None:
+        crossed = (torch.cumsum(weights, dim=-1) < surface_opacity).sum(-1).clamp(max=t_mid.shape[-1] - 1)
+        reached = accumulated >= surface_opacity
+        out["depth_surface"] = torch.where(reached, t_mid.gather(-1, crossed[:, None])[:, 0], torch.zeros_like(depth))
     return out
 
 
