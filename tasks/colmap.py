@@ -6,7 +6,8 @@ the largest model is turned into the nerfstudio / instant-ngp ``transforms.json`
 normalised product world (see ``tasks.geometry.normalizing_similarity``).
 
 Outputs in ``out_dir``: ``transforms.json``, ``points.npy`` (``(N, 6)`` float32 xyz + rgb
-0..1), ``sparse/0`` (the COLMAP model, for debugging) and ``database.db``.
+0..1), ``point_views.npz`` (which frames saw which point), ``sparse/0`` (the COLMAP model, for
+debugging) and ``database.db``.
 """
 
 from __future__ import annotations
@@ -295,6 +296,32 @@ def _seller_advice(registered: int, needed: int, total: int) -> str:
     )
 
 
+POINT_VIEWS = "point_views.npz"
+
+
+def write_point_views(path: Path, rec: pycolmap.Reconstruction, point_ids: list[int], xyz: np.ndarray, names: list[str]) -> None:
+    """Which frames saw which sparse point: the depth prior of training (tasks/nerf/depth_prior.py).
+
+    ``xyz [N, 3]`` float32 in the normalised world (rows of ``point_ids``), ``error [N]`` mean
+    reprojection error in pixels, ``frame_names [F]`` the frames' file names, and one row per
+    observation: ``view_point [M]`` (row of xyz) and ``view_frame [M]`` (row of frame_names).
+    """
+    frame_of = {name: i for i, name in enumerate(names)}
+    image_frame = {image_id: frame_of.get(image.name, -1) for image_id, image in rec.images.items()}
+    view_point, view_frame = [], []
+    for row, point_id in enumerate(point_ids):
+        for element in rec.points3D[point_id].track.elements:
+            frame = image_frame.get(element.image_id, -1)
+            if frame >= 0:
+                view_point.append(row)
+                view_frame.append(frame)
+    np.savez_compressed(
+        path, xyz=xyz.astype(np.float32), error=np.array([rec.points3D[i].error for i in point_ids], np.float32),
+        frame_names=np.array([Path(n).name for n in names]), view_point=np.array(view_point, np.int32),
+        view_frame=np.array(view_frame, np.int32),
+    )
+
+
 def solve_cameras(frames: FrameSet, out_dir: Path, settings: ColmapSettings, fingerprint: str) -> CameraRig:
     """Solve one shared camera and every frame's pose; write transforms.json and points.npy.
 
@@ -344,6 +371,8 @@ def solve_cameras(frames: FrameSet, out_dir: Path, settings: ColmapSettings, fin
     points = np.concatenate([apply_similarity_to_points(sim, xyz), rgb], axis=1).astype(np.float32)
     points_path = out_dir / "points.npy"
     np.save(points_path, points)
+    views_path = out_dir / POINT_VIEWS
+    write_point_views(views_path, rec, point_ids, points[:, :3], ordered)
 
     camera = by_name[ordered[0]].camera
     reprojection_error = float(rec.compute_mean_reprojection_error())
@@ -365,6 +394,7 @@ def solve_cameras(frames: FrameSet, out_dir: Path, settings: ColmapSettings, fin
             "mapping_attempts": attempts,
             "matcher": matcher_used,
             "colmap_camera_model": camera.model_name,
+            "point_views": POINT_VIEWS,
             "settings": asdict(settings),
         },
     }

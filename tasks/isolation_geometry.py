@@ -29,7 +29,8 @@ class Views:
 
     ``intrinsics``: ``(N, 4)`` fl_x, fl_y, cx, cy; ``distortion``: ``(N, 4)`` k1, k2, p1, p2
     (OpenCV model); ``c2w``: ``(N, 4, 4)``; ``sizes``: ``(N, 2)`` width, height in pixels.
-    ``images`` are absolute paths, ``file_paths`` the entries as written in the json.
+    ``images`` are absolute paths, ``file_paths`` the entries as written in the json, ``base``
+    the json's folder (what its relative paths start from).
     """
 
     images: tuple[Path, ...]
@@ -39,6 +40,7 @@ class Views:
     c2w: np.ndarray
     sizes: np.ndarray
     raw: dict
+    base: Path = Path(".")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -74,6 +76,7 @@ def load_views(transforms: Path) -> Views:
         c2w=np.array([r["transform_matrix"] for r in rows], dtype=np.float64),
         sizes=np.array([[int(r["w"]), int(r["h"])] for r in rows], dtype=np.int64),
         raw=raw,
+        base=base,
     )
 
 

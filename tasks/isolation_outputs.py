@@ -73,6 +73,11 @@ def write_outputs(out_dir: Path, views: geo.Views, images: list[np.ndarray], res
     frames_raw = views.raw["frames"]
     transforms = {k: v for k, v in views.raw.items() if k != "frames"}
     transforms["frames"] = []
+    if "point_views" in transforms.get("korokoro", {}):
+        # The colmap stage's sparse points stay where they are: point to them from here.
+        meta = dict(transforms["korokoro"])
+        meta["point_views"] = os.path.relpath(views.base / meta["point_views"], out_dir)
+        transforms["korokoro"] = meta
     workers = getattr(settings, "workers", 1)
     # OpenCV's fast defaults (SUB filter, RLE strategy) at the chosen zlib level; a level alone turns on
     # the slow all-filters search.

@@ -151,6 +151,18 @@ def test_transforms_and_points_files(solved):
     assert points.dtype == np.float32 and points.ndim == 2 and points.shape[1] == 6 and len(points) > 100
     assert points[:, 3:].min() >= 0.0 and points[:, 3:].max() <= 1.0
     assert (Path(rig.dir) / "sparse" / "0").is_dir()
+    # Which frames saw which point (the training's depth prior): the same points, and every
+    # observation in front of its camera, projecting into its frame.
+    views = np.load(Path(rig.dir) / info["point_views"])
+    np.testing.assert_array_equal(views["xyz"], points[:, :3])
+    assert len(views["error"]) == len(points) and list(views["frame_names"]) == [Path(f).name for f in files]
+    assert np.bincount(views["view_point"], minlength=len(points)).min() >= 2
+    c2w = np.array([f["transform_matrix"] for f in transforms["frames"]])[views["view_frame"]]
+    cam = np.einsum("mij,mi->mj", c2w[:, :3, :3], views["xyz"][views["view_point"]] - c2w[:, :3, 3])
+    u = transforms["cx"] + transforms["fl_x"] * cam[:, 0] / -cam[:, 2]
+    v = transforms["cy"] - transforms["fl_y"] * cam[:, 1] / -cam[:, 2]
+    assert np.all(cam[:, 2] < 0)
+    assert np.mean((u >= 0) & (u < transforms["w"]) & (v >= 0) & (v < transforms["h"])) >= 0.99
 
 
 def test_noise_frames_raise_camera_solve_error(tmp_path):

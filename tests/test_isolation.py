@@ -127,6 +127,22 @@ def test_outputs_are_complete(runs):
     assert len(stats["frames"]) == 24 and all(0.0 < f["area_fraction"] < 0.5 for f in stats["frames"])
 
 
+def test_masks_point_to_the_camera_stage_sparse_point_views(runs, tmp_path):
+    """The segment stage writes its transforms elsewhere: the depth prior's file must still resolve."""
+    rig, _, detections, _ = runs("basket", "plain")
+    meta = json.loads(Path(rig.transforms).read_text())
+    meta["korokoro"] = {**meta.get("korokoro", {}), "point_views": "point_views.npz"}
+    transforms = rig.transforms.parent / "transforms-with-point-views.json"
+    transforms.write_text(json.dumps(meta))
+    (transforms.parent / "point_views.npz").write_bytes(b"")
+    moved = CameraRig(dir=transforms.parent, transforms=transforms, points=rig.points, registered=24, total=24,
+                      reprojection_error_px=0.0, fingerprint="moved")
+    _, seg_s = _settings()
+    masks = segment_product(moved, detections, tmp_path / "segment", seg_s, "fp")
+    written = json.loads(Path(masks.transforms).read_text())["korokoro"]["point_views"]
+    assert (Path(masks.transforms).parent / written).resolve() == (transforms.parent / "point_views.npz").resolve()
+
+
 def test_rig_without_points_near_centre_is_a_clear_error(runs, tmp_path):
     rig, _, _, _ = runs("basket", "plain")
     points = np.load(rig.points)

@@ -26,10 +26,11 @@ from torch import Tensor
 
 from tasks.nerf.base import TrainReport, register_backend
 from tasks.nerf.dataset import aabb_pixel_rects, load_capture, load_hull
+from tasks.nerf.depth_prior import line_of_sight_loss, load_sparse_depth
 from tasks.nerf.evaluate import evaluate_frames, save_previews
 from tasks.nerf.field import NgpModel, NgpRadianceField, make_sampler, render_rays
 from tasks.nerf.occupancy import OccupancyGrid
-from tasks.nerf.packed import distortion_loss
+from tasks.nerf.packed import PackedSamples, distortion_loss
 from tasks.nerf.pixels import sample_training_rays, training_pixels
 from tasks.nerf.settings import settings_from_dict
 
@@ -77,6 +78,11 @@ class NgpSettings:
     cpu_threads: int = 0
     alpha_loss_weight: float = 0.0
     distortion_loss_weight: float = 0.01
+    depth_loss_weight: float = 0.0
+    depth_rays_per_batch: int = 2048
+    depth_margin: float = 0.005
+    depth_max_error_px: float = 1.0
+    depth_min_views: int = 3
     mixed_precision: bool = False
     render_chunk: int = 16384
     log_every: int = 50
@@ -171,6 +177,9 @@ def _train(
         raise ValueError(f"the hull box {aabb.tolist()} from {hull} is not in view of any training frame; check the hull json")
     train_ids, rects = train_ids[visible], rects[visible]
     pixels = training_pixels(capture, train_ids, rects, s.object_ray_fraction, s.object_ray_margin_px)
+    sparse = None
+    if s.depth_loss_weight > 0:
+        sparse = load_sparse_depth(transforms, capture, train_ids.tolist(), s.depth_max_error_px, s.depth_min_views)
 
     model, occupancy, step_size = build_field(s, aabb, device)
     if s.carve_tolerance < 1.0:
@@ -207,15 +216,26 @@ def _train(
         )
         background = torch.rand(rgb.shape, device=device, generator=generator)
         target = rgb * mask[:, None] + background * (1 - mask[:, None])
+        n_color = origins.shape[0]
+        if sparse is not None:
+            # The depth prior's rays ride in the same batch: one render, one backward.
+            depth_origins, depth_directions, point_depth = sparse.pick(s.depth_rays_per_batch, generator)
+            origins, directions = torch.cat([origins, depth_origins]), torch.cat([directions, depth_directions])
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
             out, samples = render_rays(
                 model, sampler, origins, directions, jitter=True, generator=generator, early_stop_eps=s.early_stop_eps
             )
-        prediction = out["rgb"].float() + (1 - out["alpha"].float())[:, None] * background
+        prediction = out["rgb"][:n_color].float() + (1 - out["alpha"][:n_color].float())[:, None] * background
         color_loss = torch.mean((prediction - target) ** 2)
         loss = color_loss
         if s.alpha_loss_weight > 0:
-            loss = loss + s.alpha_loss_weight * torch.mean((out["alpha"].float() - mask) ** 2)
+            loss = loss + s.alpha_loss_weight * torch.mean((out["alpha"][:n_color].float() - mask) ** 2)
+        if sparse is not None:
+            is_depth = samples.ray_indices >= n_color
+            depth_samples = PackedSamples(samples.ray_indices[is_depth] - n_color, samples.t_starts[is_depth],
+                                          samples.t_ends[is_depth], point_depth.shape[0])
+            loss = loss + s.depth_loss_weight * line_of_sight_loss(
+                out["weights"][is_depth], depth_samples, point_depth, s.depth_margin * diagonal)
         if s.distortion_loss_weight > 0:
             loss = loss + s.distortion_loss_weight * distortion_loss(out["weights"], samples, diagonal)
         optimizer.zero_grad(set_to_none=True)
@@ -253,6 +273,7 @@ def _train(
             "holdout_frames": len(capture.holdout_ids[:limit]),
             "train_frames": len(capture.train_ids),
             "occupied_fraction": occupancy.occupied_fraction,
+            "depth_prior_observations": 0 if sparse is None else len(sparse),
             "eval_seconds": time.perf_counter() - started - train_seconds,
             "aabb": aabb.tolist(),
         },
