@@ -3,7 +3,9 @@
 Why not a density level: a trained NeRF is a soft cloud. Where a wicker wall or a printed box
 face came out half transparent, every density level either leaves the wall porous or keeps the
 fog around it (on the H100 turntables the best level gave F-score@1 % of 0.5). The depth at
-which a ray's opacity crosses one half is far steadier: it is what the images were fitted to.
+which a ray's opacity reaches a set level (``surface_opacity``) is far steadier: it is what the
+images were fitted to. A level under one half, where the ray enters the shell, moves least
+with the texture (a median depth sank behind a box's dark print; bench/depth_errors.py).
 Fusing those depths from many views into a truncated signed distance (Curless and Levoy 1996;
 nerfstudio's ``tsdf`` export does the same for its fields) gives one clean, closed wall.
 
@@ -40,7 +42,7 @@ class FusionSettings:
     long_side: int = 384
     truncation_voxels: float = 4.0
     min_alpha: float = 0.5
-    surface_opacity: float = 0.5
+    surface_opacity: float = 0.3
     carve_fraction: float = 0.1
     open_fraction: float = 0.05
     close_base: bool = True
