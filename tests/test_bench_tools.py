@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import trimesh
 
@@ -171,3 +172,50 @@ def test_true_cameras_land_in_the_runs_world(tmp_path):
     meta = json.loads(out.read_text())
     assert (meta["camera_model"], meta["fl_x"], meta["cx"], meta["k1"]) == ("PINHOLE", 800.0, 640.0, 0.0)
     assert meta["frames"][3]["file_path"] == str((tmp_path / "frames/images/f3.jpg").resolve())
+
+
+def test_depth_errors_measure_the_fields_depth_against_the_truth(tmp_path):
+    """bench.depth_errors on a tiny field of the ray-cast box: every level is reported, and moving
+    the true surface back by 2 % of the diagonal moves the median error forward by exactly that."""
+    import json
+
+    import torch
+
+    from bench import depth_errors
+    from flows.config import compose_config
+    from bench.records import save_records
+    from tasks.mesh import MeshSettings
+    from tasks.mesh_fusion import fusion_views
+    from tasks.nerf.rays import intersect_aabb, pixel_rays
+    from tasks.train import train_field
+    from tests.test_nerf_ngp import BOX_HALF, TINY, write_scene
+
+    masks = write_scene(tmp_path / "scene")
+    field = train_field(masks, tmp_path / "run" / "train", dict(TINY, steps=150), "fp")
+    save_records(tmp_path / "run", {"segment": masks, "train": field})
+    diag = float(np.linalg.norm(2 * BOX_HALF))
+    (tmp_path / "tt" / "truth").mkdir(parents=True)
+    (tmp_path / "tt" / "truth" / "meta.json").write_text(json.dumps({"bbox_diagonal_m": diag}))
+    overrides = ["profile=cpu", "mesh.fusion.views=6"]
+    box = torch.tensor(np.stack([-BOX_HALF, BOX_HALF]), dtype=torch.float32)
+    exact = {}
+    for view in fusion_views(masks.transforms, MeshSettings(**compose_config(overrides)["mesh"]).fusion):
+        cw, ch = view.crop_size
+        v, u = torch.meshgrid(torch.arange(ch), torch.arange(cw), indexing="ij")
+        origins, directions = pixel_rays(view.c2w, view.crop_k, torch.stack([u.reshape(-1), v.reshape(-1)], -1))
+        near, _, hit = intersect_aabb(origins, directions, box)
+        exact[f"view_{view.index}"] = torch.where(hit, near, torch.zeros_like(near)).reshape(ch, cw).numpy()
+
+    reports = {}
+    for shift in (0.0, 0.02 * diag):
+        np.savez(tmp_path / "run" / depth_errors.TRUTH_FILE, world_to_metres=np.float64(1.0),
+                 **{k: np.where(d > 0, d + shift, 0.0) for k, d in exact.items()})
+        reports[shift] = depth_errors.depth_errors(tmp_path / "run", tmp_path / "tt", overrides, "cpu")
+    plain, moved = reports[0.0], reports[0.02 * diag]
+    assert plain["views"] == 6 and (tmp_path / "run" / "depth_errors.png").is_file()
+    assert [row["depth"] for row in plain["levels"]] == [f"{level:.1f}" for level in depth_errors.LEVELS] + ["mean"]
+    for before, after in zip(plain["levels"], moved["levels"]):
+        assert before["pixels_fraction"] == after["pixels_fraction"] > 0.5
+        assert after["median_mm"] == pytest.approx(before["median_mm"] - 0.02 * diag * 1e3, abs=1e-2)
+    # A field trained 150 steps already has its surface near the box's faces somewhere.
+    assert max(row["within_1pct"] for row in plain["levels"]) > 0.2
