@@ -95,10 +95,12 @@ def depth_errors(run: Path, turntable: Path, overrides: list[str], device: str) 
     field = get_backend(records["train"].backend).load(Path(records["train"].dir), device)
     errors: dict[str, list[np.ndarray]] = {}
     spreads, shown = [], []
+    on_pixels = 0
     for view in views:
         true = truth[f"view_{view.index}"]
         found = field_depths(field, view, LEVELS)
         on = view.crop_mask.numpy() & (true > 0)
+        on_pixels += int(on.sum())
         for key in (*[f"{level:.1f}" for level in LEVELS], "mean"):
             level = float(key) if key != "mean" else 0.5
             valid = on & (found["alpha"] >= level) & (found[key] > 0)
@@ -110,7 +112,6 @@ def depth_errors(run: Path, turntable: Path, overrides: list[str], device: str) 
     threshold = 0.01 * diag
     for key, parts in errors.items():
         e = np.concatenate(parts)
-        on_pixels = int(sum(int((view.crop_mask.numpy() & (truth[f"view_{view.index}"] > 0)).sum()) for view in views))
         rows.append({
             "depth": key, "pixels_fraction": round(len(e) / max(on_pixels, 1), 4),
             "median_mm": round(float(np.median(e)) * 1e3, 3), "p10_mm": round(float(np.percentile(e, 10)) * 1e3, 3),
