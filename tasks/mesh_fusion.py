@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from tasks.isolation_geometry import load_views
+from tasks.nerf.rays import camera_to_pixels
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ def fuse_depth(
         depth = _surface_depth(out, settings).to(dev)
         depth = torch.where(crop_mask, depth, torch.full_like(depth, float("nan")))
         heights.append(_surface_heights(depth, view.crop_k.to(dev), view.c2w.to(dev)))
-        projected = _View(torch.linalg.inv(view.c2w).to(dev), view.intrinsics, view.size, view.crop, crop_mask, depth)
+        projected = _View(view, torch.linalg.inv(view.c2w).to(dev), torch.tensor(view.intrinsics, device=dev), crop_mask, depth)
         for start in range(0, resolution, slab):
             xs = axes[0][start : start + slab]
             pts = torch.cat([xs.repeat_interleave(len(yz))[:, None], yz.repeat(len(xs), 1)], 1)
@@ -209,13 +210,12 @@ def fuse_depth(
 
 @dataclass
 class _View:
-    """One rendered view: world→camera ``[4, 4]``, full-frame intrinsics and size, the crop
-    ``(x0, y0, scale)``, and the crop's mask and surface depth ``[h, w]`` (nan = none)."""
+    """One rendered view on the fusion's device: its :class:`FusionView` (size, crop), world→camera
+    ``[4, 4]``, full-frame intrinsics ``[4]``, and the crop's mask and surface depth ``[h, w]`` (nan = none)."""
 
+    source: FusionView
     w2c: Tensor
-    intrinsics: tuple[float, float, float, float]
-    size: tuple[int, int]
-    crop: tuple[int, int, float]
+    intrinsics: Tensor
     mask: Tensor
     depth: Tensor
 
@@ -232,11 +232,8 @@ class _Accumulator:
     def add(self, rows: slice, view: _View, points: Tensor, trunc: float) -> None:
         """Project ``points [M, 3]`` (the voxels ``rows``) into ``view`` and count what it says."""
         cam = points @ view.w2c[:3, :3].T + view.w2c[:3, 3]
-        z = -cam[:, 2]
-        fx, fy, cx, cy = view.intrinsics
-        (w, h), (x0, y0, scale) = view.size, view.crop
-        u_full = cx + fx * cam[:, 0] / z.clamp(min=1e-6)
-        v_full = cy - fy * cam[:, 1] / z.clamp(min=1e-6)
+        u_full, v_full, z = camera_to_pixels(cam, view.intrinsics)
+        (w, h), (x0, y0, scale) = view.source.size, view.source.crop
         in_image = (z > 1e-6) & (u_full >= 0) & (u_full < w) & (v_full >= 0) & (v_full < h)
         ch, cw = view.mask.shape
         u = torch.floor((u_full - x0) * scale).long()

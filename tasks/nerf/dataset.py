@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tasks.nerf.rays import camera_to_pixels
+
 _DISTORTION_KEYS = ("k1", "k2", "p1", "p2")
 _INTRINSIC_KEYS = ("fl_x", "fl_y", "cx", "cy")
 
@@ -183,10 +185,7 @@ def aabb_pixel_rects(capture: Capture, aabb: Tensor) -> Tensor:
     corners = torch.stack(torch.meshgrid(*[aabb[:, axis] for axis in range(3)], indexing="ij"), -1).reshape(8, 3)
     w2c = torch.linalg.inv(capture.c2w)  # [F, 4, 4]
     cam = (w2c[:, None, :3, :3] @ corners[None, :, :, None])[..., 0] + w2c[:, None, :3, 3]  # [F, 8, 3]
-    depth = -cam[..., 2]
-    fx, fy, cx, cy = capture.intrinsics[:, None].unbind(-1)
-    u = cx + fx * cam[..., 0] / depth.clamp(min=1e-6)
-    v = cy - fy * cam[..., 1] / depth.clamp(min=1e-6)
+    u, v, depth = camera_to_pixels(cam, capture.intrinsics[:, None])
     w, h = capture.width, capture.height
     rects = torch.stack(
         [u.amin(1).floor().clamp(0, w), v.amin(1).floor().clamp(0, h), u.amax(1).ceil().clamp(0, w), v.amax(1).ceil().clamp(0, h)],

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from tasks.nerf.dataset import Capture
 from tasks.nerf.packed import PackedSamples
+from tasks.nerf.rays import camera_to_pixels
 
 
 @dataclass(frozen=True)
@@ -75,11 +76,9 @@ def load_sparse_depth(transforms: Path, capture: Capture, frame_ids: list[int], 
     origins = c2w[:, :3, 3]
     # Where the point lands in its frame: only product pixels count.
     cam = ((xyz - origins)[:, None, :] @ c2w[:, :3, :3])[:, 0]  # camera axes (OpenGL: looks along -z)
-    fx, fy, cx, cy = capture.intrinsics[frames].unbind(-1)
-    z = (-cam[:, 2]).clamp(min=1e-6)
-    u = (cx + fx * cam[:, 0] / z).long()
-    v = (cy - fy * cam[:, 1] / z).long()
-    inside = (cam[:, 2] < 0) & (u >= 0) & (u < capture.width) & (v >= 0) & (v < capture.height)
+    u, v, z = camera_to_pixels(cam, capture.intrinsics[frames])
+    u, v = u.long(), v.long()
+    inside = (z > 0) & (u >= 0) & (u < capture.width) & (v >= 0) & (v < capture.height)
     on_product = inside.clone()
     on_product[inside] = capture.masks[frames[inside], v[inside], u[inside]]
     if not bool(on_product.any()):

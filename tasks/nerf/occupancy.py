@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tasks.nerf.rays import camera_to_pixels
+
 
 class OccupancyGrid:
     """Bitfield over ``aabb`` at ``resolution^3``; cells are indexed x-fastest.
@@ -85,13 +87,10 @@ class OccupancyGrid:
             # Distance (px) from every pixel to the nearest product pixel.
             distance = torch.from_numpy(cv2.distanceTransform(1 - mask, cv2.DIST_L2, 5)).to(self.device)
             cam = centers @ w2c[view, :3, :3].T + w2c[view, :3, 3]
-            depth = -cam[:, 2]
-            fx, fy, cx, cy = intrinsics[view].tolist()
-            u = cx + fx * cam[:, 0] / depth.clamp(min=1e-6)
-            v = cy - fy * cam[:, 1] / depth.clamp(min=1e-6)
+            u, v, depth = camera_to_pixels(cam, intrinsics[view])
             in_view = (depth > 1e-6) & (u >= 0) & (u < width) & (v >= 0) & (v < height)
             pixel_distance = distance[v.long().clamp(0, height - 1), u.long().clamp(0, width - 1)]
-            radius = fx * half_diagonal / depth.clamp(min=1e-6)
+            radius = intrinsics[view, 0] * half_diagonal / depth.clamp(min=1e-6)
             seen += in_view.float()
             outside += (in_view & (pixel_distance > radius)).float()
         self.carved = (outside > tolerance * seen) & (seen > 0)

@@ -32,6 +32,17 @@ def pixel_rays(c2w: Tensor, intrinsics: Tensor, pixels: Tensor, within: Tensor |
     return origins, dirs / dirs.norm(dim=-1, keepdim=True)
 
 
+def camera_to_pixels(cam: Tensor, intrinsics: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Points in camera axes ``[..., 3]`` (OpenGL: the camera looks along -z, y up) → pixel
+    coordinates u, v ``[...]`` (float; pixel centres at +0.5, as :func:`pixel_rays` casts them) and
+    depth ``[...]`` along the viewing axis (≤ 0 behind the camera). intrinsics ``[..., 4]`` = fx, fy,
+    cx, cy, broadcast against the points."""
+    depth = -cam[..., 2]
+    fx, fy, cx, cy = intrinsics.unbind(-1)
+    z = depth.clamp(min=1e-6)
+    return cx + fx * cam[..., 0] / z, cy - fy * cam[..., 1] / z, depth
+
+
 def intersect_aabb(origins: Tensor, directions: Tensor, aabb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Slab test of rays against a box.
 
