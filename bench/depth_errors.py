@@ -65,18 +65,11 @@ def write_truth(run: Path, turntable: Path, overrides: list[str]) -> Path:
 def field_depths(field: Any, view: FusionView, levels: tuple[float, ...]) -> dict[str, np.ndarray]:
     """The ngp field's depth ``[h, w]`` at each opacity level (0 where never reached), its
     expected depth over the accumulated opacity, and that opacity ``alpha``."""
-    from tasks.nerf.field import render_rays
     from tasks.nerf.packed import depth_at_opacity
-    from tasks.nerf.rays import pixel_rays
 
-    device = field.device
     cw, ch = view.crop_size
-    v, u = torch.meshgrid(torch.arange(ch, device=device), torch.arange(cw, device=device), indexing="ij")
-    pixels = torch.stack([u.reshape(-1), v.reshape(-1)], -1)
     parts: dict[str, list[torch.Tensor]] = {}
-    for part in pixels.split(field.chunk):
-        origins, directions = pixel_rays(view.c2w.to(device), view.crop_k.to(device), part)
-        out, samples = render_rays(field.model, field.sampler, origins, directions, jitter=False, early_stop_eps=field.early_stop_eps)
+    for out, samples in field.render_chunks(view.c2w, view.crop_k, cw, ch):
         found = {f"{level:.1f}": depth_at_opacity(out["weights"], samples, level) for level in levels}
         found["mean"] = out["depth"] / out["alpha"].clamp(min=1e-6)
         found["alpha"] = out["alpha"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -231,6 +232,20 @@ class NgpRadianceField:
         return torch.cat(parts) if parts else points.new_zeros(0, 3)
 
     @torch.no_grad()
+    def render_chunks(
+        self, c2w: Tensor, intrinsics: Tensor, width: int, height: int, surface_opacity: float | None = None
+    ) -> Iterator[tuple[dict[str, Tensor], PackedSamples]]:
+        """One view's pixels, row-major, ``chunk`` rays at a time: what :func:`render_rays` returns for each."""
+        c2w = c2w.to(self.device, torch.float32)
+        intrinsics = intrinsics.to(self.device, torch.float32)
+        v, u = torch.meshgrid(torch.arange(height, device=self.device), torch.arange(width, device=self.device), indexing="ij")
+        pixels = torch.stack([u.reshape(-1), v.reshape(-1)], dim=-1)
+        for part in pixels.split(self.chunk):
+            origins, directions = pixel_rays(c2w, intrinsics, part)
+            yield render_rays(self.model, self.sampler, origins, directions, jitter=False,
+                              surface_opacity=surface_opacity, early_stop_eps=self.early_stop_eps)
+
+    @torch.no_grad()
     def render(
         self, c2w: Tensor, intrinsics: Tensor, width: int, height: int, surface_opacity: float = 0.5
     ) -> dict[str, Tensor]:
@@ -238,15 +253,9 @@ class NgpRadianceField:
         ``rgb [H, W, 3]`` (premultiplied), ``alpha [H, W]``, ``depth [H, W]`` (expected distance) and
         ``depth_surface [H, W]`` (where opacity reaches ``surface_opacity``; 0 where it never does);
         rays go in chunks."""
-        c2w = c2w.to(self.device, torch.float32)
-        intrinsics = intrinsics.to(self.device, torch.float32)
-        v, u = torch.meshgrid(torch.arange(height, device=self.device), torch.arange(width, device=self.device), indexing="ij")
-        pixels = torch.stack([u.reshape(-1), v.reshape(-1)], dim=-1)
         keys = ("rgb", "alpha", "depth", "depth_surface")
         parts: dict[str, list[Tensor]] = {key: [] for key in keys}
-        for part in pixels.split(self.chunk):
-            origins, directions = pixel_rays(c2w, intrinsics, part)
-            out, _ = render_rays(self.model, self.sampler, origins, directions, jitter=False, surface_opacity=surface_opacity, early_stop_eps=self.early_stop_eps)
+        for out, _ in self.render_chunks(c2w, intrinsics, width, height, surface_opacity):
             for key in keys:
                 parts[key].append(out[key].float())
         shapes = {"rgb": (height, width, 3)}
