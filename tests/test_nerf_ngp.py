@@ -170,6 +170,57 @@ def test_hash_grid_interpolation_is_continuous_and_exact_at_vertices():
     assert torch.allclose(grid(vertex)[0, :2], grid.table[index], atol=1e-5)
 
 
+def test_hash_grid_coarse_levels_are_a_prefix_of_all_levels():
+    torch.manual_seed(0)
+    grid = HashGrid(n_levels=6, features_per_level=2, log2_hashmap_size=12, base_resolution=4, finest_resolution=64)
+    points = torch.rand(300, 3)
+    with torch.no_grad():
+        every = grid(points)
+        for n in (1, grid.n_dense_levels, grid.n_dense_levels + 1, 6):
+            assert torch.equal(grid(points, n), every[:, : 2 * n])
+    with pytest.raises(ValueError, match="6 levels"):
+        grid(points, 7)
+
+
+def test_geometry_levels_keep_the_finer_levels_out_of_density():
+    """With nerf.geometry_levels the density reads only the coarse levels; the fine ones reach colour."""
+    from tasks.nerf.field import NgpModel
+
+    torch.manual_seed(0)
+    aabb = torch.tensor([[-1.0] * 3, [1.0] * 3])
+    model = NgpModel(aabb, 6, 2, 12, 4, 64, 16, 7, 16, geometry_levels=3)
+    assert model.density_mlp[0].in_features == 6 and model.color_mlp[0].in_features == 7 + 6 + 16
+    points = torch.rand(200, 3) * 2 - 1
+    dirs = torch.nn.functional.normalize(torch.randn(200, 3), dim=-1)
+    with torch.no_grad():
+        model.encoding.table.normal_()
+        sigma, rgb = model(points, dirs)
+        assert torch.allclose(model.density(points), sigma)
+        # Scramble the three finest levels' entries: density must not move, colour must.
+        fine = int(model.encoding.level_offsets[3])
+        model.encoding.table[fine:] = torch.randn_like(model.encoding.table[fine:])
+        sigma_after, rgb_after = model(points, dirs)
+    assert torch.equal(sigma_after, sigma)
+    assert float((rgb_after - rgb).abs().max()) > 1e-3
+    with pytest.raises(ValueError, match="geometry_levels=7"):
+        NgpModel(aabb, 6, 2, 12, 4, 64, 16, 7, 16, geometry_levels=7)
+
+
+def test_checkpoint_keeps_geometry_levels(tmp_path):
+    from tasks.nerf.ngp import NgpSettings, build_field, load_ngp, save_checkpoint
+
+    settings = NgpSettings(**{key: value for key, value in TINY.items() if key != "device"}, geometry_levels=4)
+    model, occupancy, _ = build_field(settings, torch.tensor([[-1.0] * 3, [1.0] * 3]), torch.device("cpu"))
+    with torch.no_grad():
+        model.encoding.table.normal_()
+    save_checkpoint(tmp_path, model, occupancy, settings)
+    loaded = load_ngp(tmp_path, "cpu")
+    assert loaded.model.geometry_levels == 4
+    points = torch.rand(100, 3) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(loaded.model.density(points), model.density(points))
+
+
 def test_spherical_harmonics_band0_constant_and_shape():
     dirs = torch.nn.functional.normalize(torch.randn(100, 3), dim=-1)
     sh = spherical_harmonics(dirs)

@@ -21,7 +21,14 @@ from tasks.nerf.rays import intersect_aabb, pixel_rays, stratified_samples
 
 
 class NgpModel(nn.Module):
-    """Density and colour of points in the box ``aabb [2, 3]`` (world coordinates)."""
+    """Density and colour of points in the box ``aabb [2, 3]`` (world coordinates).
+
+    ``geometry_levels`` (0 = all) caps the hash levels the density reads at the coarsest ones;
+    the finer levels then feed the colour MLP only. Why: with one shared encoding a field is
+    free to explain fine texture (a basket's painted weave, a box's print) by moving its
+    surface by a few millimetres; capped, texture finer than the geometry's levels can only
+    be colour.
+    """
 
     def __init__(
         self,
@@ -34,27 +41,36 @@ class NgpModel(nn.Module):
         hidden_dim: int,
         geo_feat_dim: int,
         color_hidden_dim: int,
+        geometry_levels: int = 0,
     ) -> None:
         super().__init__()
+        if not 0 <= geometry_levels <= n_levels:
+            raise ValueError(f"nerf.geometry_levels={geometry_levels} must be 0 (all) or 1..n_levels={n_levels}")
         self.register_buffer("aabb", aabb.float().clone())
         self.encoding = HashGrid(n_levels, features_per_level, log2_hashmap_size, base_resolution, finest_resolution)
-        self.density_mlp = nn.Sequential(
-            nn.Linear(self.encoding.output_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, 1 + geo_feat_dim)
-        )
+        self.geometry_levels = geometry_levels or n_levels
+        geometry_dim = self.geometry_levels * features_per_level
+        detail_dim = self.encoding.output_dim - geometry_dim  # the finer levels' features, colour only
+        self.density_mlp = nn.Sequential(nn.Linear(geometry_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, 1 + geo_feat_dim))
         self.color_mlp = nn.Sequential(
-            nn.Linear(geo_feat_dim + 16, color_hidden_dim),
+            nn.Linear(geo_feat_dim + detail_dim + 16, color_hidden_dim),
             nn.ReLU(),
             nn.Linear(color_hidden_dim, color_hidden_dim),
             nn.ReLU(),
             nn.Linear(color_hidden_dim, 3),
         )
 
-    def geometry(self, points: Tensor) -> tuple[Tensor, Tensor]:
-        """points ``[N, 3]`` → density ``[N]`` (float32, >= 0), geometry feature ``[N, geo_feat_dim]``."""
-        unit = (points - self.aabb[0]) / (self.aabb[1] - self.aabb[0])
-        out = self.density_mlp(self.encoding(unit))
+    def _unit(self, points: Tensor) -> Tensor:
+        return (points - self.aabb[0]) / (self.aabb[1] - self.aabb[0])
+
+    def _density_head(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.density_mlp(features)
         # exp of an fp16 logit overflows past ~11: activate in float32.
         return trunc_exp(out[:, 0].float()), out[:, 1:]
+
+    def geometry(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        """points ``[N, 3]`` → density ``[N]`` (float32, >= 0), geometry feature ``[N, geo_feat_dim]``."""
+        return self._density_head(self.encoding(self._unit(points), self.geometry_levels))
 
     def density(self, points: Tensor) -> Tensor:
         """points ``[N, 3]`` → density ``[N]``; zero outside the box."""
@@ -63,9 +79,11 @@ class NgpModel(nn.Module):
 
     def forward(self, points: Tensor, directions: Tensor) -> tuple[Tensor, Tensor]:
         """points, unit directions ``[N, 3]`` → density ``[N]``, rgb ``[N, 3]`` in 0..1 (float32)."""
-        sigma, geo = self.geometry(points)
+        features = self.encoding(self._unit(points))
+        split = self.geometry_levels * self.encoding.features_per_level
+        sigma, geo = self._density_head(features[:, :split])
         sh = spherical_harmonics(directions).to(geo.dtype)
-        rgb = torch.sigmoid(self.color_mlp(torch.cat([geo, sh], dim=-1)).float())
+        rgb = torch.sigmoid(self.color_mlp(torch.cat([geo, features[:, split:].to(geo.dtype), sh], dim=-1)).float())
         return sigma, rgb
 
 

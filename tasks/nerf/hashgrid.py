@@ -70,12 +70,14 @@ class HashGrid(nn.Module):
         self.table = nn.Parameter(torch.empty(sum(sizes), features_per_level).uniform_(-init_scale, init_scale))
 
     def corner_indices(self, cells: Tensor) -> Tensor:
-        """Table rows of the 8 corners of each cell. cells ``[L, N, 3]`` int64 → ``[L, N, 8]`` int64.
+        """Table rows of the 8 corners of each cell. cells ``[L, N, 3]`` int64 (the first ``L`` levels)
+        → ``[L, N, 8]`` int64.
 
         Corners are ordered z-major (corner ``4 * dz + 2 * dy + dx``). Built per axis as
         ``[L, N, 2]`` and combined by broadcasting, which is far cheaper than ``[L, N, 8, 3]``.
         """
-        n_dense = self.n_dense_levels
+        n_levels = cells.shape[0]
+        n_dense = min(self.n_dense_levels, n_levels)
         ends = cells[..., None] + torch.arange(2, device=cells.device)  # [L, N, 3, 2]: cell, cell + 1
         parts = []
         if n_dense > 0:
@@ -83,25 +85,29 @@ class HashGrid(nn.Module):
             stride = (self.resolutions[:n_dense] + 1)[:, None, None]  # [Ld, 1, 1]
             x, y, z = dense[:, :, 0], dense[:, :, 1] * stride, dense[:, :, 2] * stride * stride
             parts.append((z[..., :, None, None] + y[..., None, :, None] + x[..., None, None, :]).flatten(2))
-        if n_dense < self.n_levels:
+        if n_dense < n_levels:
             # int64 products cannot overflow here (coords < 2^20); the power-of-two modulus below
             # keeps the same low bits as instant-ngp's wrapping uint32 arithmetic.
             hashed = ends[n_dense:] * self.primes[:, None]
             x, y, z = hashed[:, :, 0], hashed[:, :, 1], hashed[:, :, 2]
             parts.append((z[..., :, None, None] ^ y[..., None, :, None] ^ x[..., None, None, :]).flatten(2))
         index = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return index % self.level_sizes[:, None, None] + self.level_offsets[:, None, None]
+        return index % self.level_sizes[:n_levels, None, None] + self.level_offsets[:n_levels, None, None]
 
-    def forward(self, unit_points: Tensor) -> Tensor:
-        """Encode points of the unit cube. unit_points ``[N, 3]`` in [0, 1] → features ``[N, L * F]``.
+    def forward(self, unit_points: Tensor, n_levels: int | None = None) -> Tensor:
+        """Encode points of the unit cube. unit_points ``[N, 3]`` in [0, 1] → features ``[N, L * F]``,
+        of all levels or of the coarsest ``n_levels`` only (``L = n_levels``).
 
         Trilinear interpolation of the 8 corner features at every level; points outside the
         cube are clamped onto it.
         """
         if unit_points.ndim != 2 or unit_points.shape[-1] != 3:
             raise ValueError(f"HashGrid expects points [N, 3], got {tuple(unit_points.shape)}")
+        n_levels = self.n_levels if n_levels is None else n_levels
+        if not 1 <= n_levels <= self.n_levels:
+            raise ValueError(f"HashGrid has {self.n_levels} levels, asked for the first {n_levels}")
         n_points = unit_points.shape[0]
-        res = self.resolutions.to(torch.float32)[:, None, None]  # [L, 1, 1]
+        res = self.resolutions[:n_levels].to(torch.float32)[:, None, None]  # [L, 1, 1]
         scaled = unit_points.float().clamp(0.0, 1.0)[None] * res  # [L, N, 3]
         # The last cell is closed on the right so that x = 1 stays inside the grid.
         cells = torch.minimum(scaled.floor(), res - 1)
@@ -112,7 +118,7 @@ class HashGrid(nn.Module):
         weights = (wz[..., :, None, None] * wy[..., None, :, None] * wx[..., None, None, :]).flatten(2)  # [L, N, 8]
         corner_features = gather_rows(self.table, index)  # [L, N, 8, F]
         features = (corner_features * weights[..., None]).sum(2)  # [L, N, F]
-        return features.permute(1, 0, 2).reshape(n_points, self.output_dim)
+        return features.permute(1, 0, 2).reshape(n_points, n_levels * self.features_per_level)
 
 
 class _GatherRows(torch.autograd.Function):

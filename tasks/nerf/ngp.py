@@ -60,6 +60,7 @@ class NgpSettings:
     log2_hashmap_size: int = 19
     base_resolution: int = 16
     finest_resolution: int = 2048
+    geometry_levels: int = 0
     hidden_dim: int = 64
     geo_feat_dim: int = 15
     color_hidden_dim: int = 64
@@ -111,7 +112,7 @@ def build_field(s: NgpSettings, aabb: Tensor, device: torch.device) -> tuple[Ngp
     """A fresh model, its occupancy grid and the render step (box diagonal / samples_per_ray)."""
     model = NgpModel(
         aabb, s.n_levels, s.features_per_level, s.log2_hashmap_size, s.base_resolution,
-        s.finest_resolution, s.hidden_dim, s.geo_feat_dim, s.color_hidden_dim,
+        s.finest_resolution, s.hidden_dim, s.geo_feat_dim, s.color_hidden_dim, s.geometry_levels,
     ).to(device)
     step = float((aabb[1] - aabb[0]).norm()) / s.samples_per_ray
     occupancy = OccupancyGrid(aabb.to(device), s.occ_resolution, step, s.occ_threshold, s.occ_decay)
