@@ -44,9 +44,11 @@ class TrueDepthField:
         self.camera = None
         self.aabb = torch.tensor(mesh.bounds, dtype=torch.float32)
 
-    def render(self, c2w: Tensor, intrinsics: Tensor, width: int, height: int, surface_opacity: float = 0.5) -> dict[str, Tensor]:
+    def render(
+        self, c2w: Tensor, intrinsics: Tensor, width: int, height: int, surface_opacity: float = 0.5, solid_alpha: float = 0.0
+    ) -> dict[str, Tensor]:
         """``alpha [H, W]`` (0 or 1) and ``depth [H, W]`` (distance along each pixel's ray; opaque,
-        so ``surface_opacity`` changes nothing)."""
+        so ``surface_opacity`` and ``solid_alpha`` change nothing)."""
         fx, fy, cx, cy = (float(v) for v in intrinsics)
         if self.camera is not None:
             self.scene.remove_node(self.camera)

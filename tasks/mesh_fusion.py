@@ -44,6 +44,7 @@ class FusionSettings:
     truncation_voxels: float = 4.0
     min_alpha: float = 0.5
     surface_opacity: float = 0.3
+    solid_alpha: float = 0.0
     carve_fraction: float = 0.1
     open_fraction: float = 0.05
     close_base: bool = True
@@ -54,7 +55,8 @@ class FusionSettings:
         checks = {
             "views": self.views >= 1, "long_side": self.long_side >= 16, "truncation_voxels": self.truncation_voxels > 0,
             "min_alpha": 0 < self.min_alpha < 1,
-            "surface_opacity": 0 < self.surface_opacity < 1, "carve_fraction": 0 <= self.carve_fraction < 1,
+            "surface_opacity": 0 < self.surface_opacity < 1, "solid_alpha": 0 <= self.solid_alpha < 1,
+            "carve_fraction": 0 <= self.carve_fraction < 1,
             "open_fraction": 0 <= self.open_fraction < 1, "base_percentile": 0 <= self.base_percentile < 100,
             "base_thickness_voxels": self.base_thickness_voxels >= 0,
         }
@@ -62,7 +64,7 @@ class FusionSettings:
         if bad:
             raise ValueError(
                 "mesh.fusion: " + ", ".join(f"{key}={getattr(self, key)!r}" for key in bad) + " out of range "
-                "(views ≥ 1, long_side ≥ 16, truncation_voxels > 0, min_alpha and surface_opacity in (0, 1), fractions in [0, 1), "
+                "(views ≥ 1, long_side ≥ 16, truncation_voxels > 0, min_alpha and surface_opacity in (0, 1), solid_alpha and fractions in [0, 1), "
                 "base_percentile in [0, 100), base_thickness_voxels ≥ 0)"
             )
 
@@ -104,7 +106,9 @@ def _surface_depth(out: dict[str, Tensor], settings: FusionSettings) -> Tensor:
     """
     alpha = out["alpha"].float()
     if "depth_surface" in out:
-        depth, enough = out["depth_surface"].float(), alpha >= max(settings.min_alpha, settings.surface_opacity)
+        # 0 = the counted opacity never reached the level (all of it haze thinner than solid_alpha).
+        depth = out["depth_surface"].float()
+        enough = (alpha >= max(settings.min_alpha, settings.surface_opacity)) & (depth > 0)
     else:
         depth, enough = out["depth"].float() / alpha.clamp(min=1e-6), alpha >= settings.min_alpha
     return torch.where(enough, depth, torch.full_like(depth, float("nan")))
@@ -174,7 +178,8 @@ def fuse_depth(
         used += 1
         cw, ch = view.crop_size
         with torch.no_grad():
-            out = field.render(view.c2w, view.crop_k, cw, ch, surface_opacity=settings.surface_opacity)
+            out = field.render(view.c2w, view.crop_k, cw, ch, surface_opacity=settings.surface_opacity,
+                               solid_alpha=settings.solid_alpha)
         crop_mask = view.crop_mask.to(dev)
         depth = _surface_depth(out, settings).to(dev)
         depth = torch.where(crop_mask, depth, torch.full_like(depth, float("nan")))

@@ -69,9 +69,11 @@ class AnalyticField:
         rgb = quadrant_color(points.detach().cpu().numpy().astype(np.float64), np.asarray(self.spec.centre))
         return torch.as_tensor(rgb, dtype=torch.float32, device=points.device)
 
-    def render(self, c2w: Tensor, intrinsics: Tensor, width: int, height: int, surface_opacity: float = 0.5) -> dict[str, Tensor]:
+    def render(
+        self, c2w: Tensor, intrinsics: Tensor, width: int, height: int, surface_opacity: float = 0.5, solid_alpha: float = 0.0
+    ) -> dict[str, Tensor]:
         """Exact ray-sphere intersection (the floater included); alpha is 0 or 1, so every
-        ``surface_opacity`` gives the same depth."""
+        ``surface_opacity`` and ``solid_alpha`` gives the same depth."""
         fx, fy, cx, cy = intrinsics.tolist()
         j, i = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
         dirs_cam = torch.stack([(i - cx) / fx, -(j - cy) / fy, -torch.ones_like(i)], -1)

@@ -119,6 +119,23 @@ def test_surface_depth_is_where_opacity_reaches_the_level(level):
     assert "depth_surface" not in composite(sigmas, torch.zeros(2, 201, 3), t, 0.01)
 
 
+def test_solid_alpha_looks_through_a_haze_to_the_wall_behind_it():
+    """A haze in front of a wall (a field's fog in a basket's cavity) passes a low surface level
+    on its own; with solid_alpha only the wall's samples count."""
+    t = torch.linspace(0.0, 2.0, 201)[None].repeat(2, 1)
+    sigmas = torch.zeros(2, 201)
+    sigmas[:, 20:100] = 2.0  # t 0.2-1.0: haze, 2 % opaque a step, ~80 % opaque over its depth
+    sigmas[0, 100:] = 50.0  # a wall at t = 1 behind it...
+    out = composite(sigmas, torch.zeros(2, 201, 3), t, 0.01, surface_opacity=0.3)
+    assert float(out["depth_surface"][0]) < 0.5  # ...that the plain level never reaches
+    solid = composite(sigmas, torch.zeros(2, 201, 3), t, 0.01, surface_opacity=0.3, solid_alpha=0.1)
+    # Without the haze the wall's first sample (39 % opaque) crosses 0.3; the haze alone never does.
+    assert 1.0 <= float(solid["depth_surface"][0]) <= 1.05
+    assert solid["depth_surface"][1] == 0.0 and out["depth_surface"][1] > 0
+    fused = _surface_depth({**solid, "alpha": solid["alpha"]}, FusionSettings(min_alpha=0.5, surface_opacity=0.3, solid_alpha=0.1))
+    assert 1.0 <= float(fused[0]) <= 1.05 and torch.isnan(fused[1])
+
+
 def test_fusion_takes_the_depth_at_the_surface_opacity_and_drops_faint_rays():
     out = {"alpha": torch.tensor([0.9, 0.4, 0.7]), "depth": torch.tensor([2.0, 1.0, 1.0]), "depth_surface": torch.tensor([1.5, 0.0, 1.2])}
     depth = _surface_depth(out, FusionSettings(min_alpha=0.5, surface_opacity=0.6))

@@ -51,6 +51,11 @@ def test_packed_compositing_matches_dense_values_and_gradients():
         torch.testing.assert_close(packed[key], dense[key], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed["weights"], dense["weights"].reshape(-1)[flat], rtol=1e-5, atol=1e-6)
     assert packed["alpha"][2] == 0 and packed["depth_surface"][2] == 0
+    # The surface level without the haze (here: samples under half opaque) agrees too, and moves.
+    dense_solid = composite(sigmas, colors, t_mid, STEP, surface_opacity=0.5, solid_alpha=0.5)["depth_surface"]
+    packed_solid = composite_packed(sigmas.reshape(-1)[flat], colors.reshape(-1, 3)[flat], samples, 0.5, 0.5)["depth_surface"]
+    torch.testing.assert_close(packed_solid, dense_solid)
+    assert not torch.equal(dense_solid, dense["depth_surface"].detach())
     # Same loss, same gradient on every kept sample.
     target = torch.rand(sigmas.shape[0], 3, generator=torch.Generator().manual_seed(1))
     ((dense["rgb"] - target) ** 2).sum().backward()

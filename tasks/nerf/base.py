@@ -31,15 +31,17 @@ class RadianceField(Protocol):
         """
 
     def render(
-        self, c2w: Tensor, intrinsics: Tensor, width: int, height: int, surface_opacity: float = 0.5
+        self, c2w: Tensor, intrinsics: Tensor, width: int, height: int, surface_opacity: float = 0.5,
+        solid_alpha: float = 0.0,
     ) -> dict[str, Tensor]:
         """Render one view.
 
         c2w ``[4, 4]`` camera-to-world (OpenGL axes), intrinsics ``[4]`` = fx, fy, cx, cy.
         Returns ``rgb [H, W, 3]`` (premultiplied, no background), ``alpha [H, W]``,
         ``depth [H, W]`` (expected distance); a soft field may add ``depth_surface [H, W]``, the
-        distance at which each ray's opacity reaches ``surface_opacity`` (0 where it never does).
-        Opaque renderers (a mesh) may ignore ``surface_opacity``.
+        distance at which each ray's opacity reaches ``surface_opacity`` (0 where it never does),
+        counting only samples at least ``solid_alpha`` opaque on their own, as if a thinner haze in
+        front of the surface were not there. Opaque renderers (a mesh) may ignore both.
         """
 
 

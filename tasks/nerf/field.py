@@ -196,9 +196,11 @@ def render_rays(
     generator: torch.Generator | None = None,
     surface_opacity: float | None = None,
     early_stop_eps: float = 0.0,
+    solid_alpha: float = 0.0,
 ) -> tuple[dict[str, Tensor], PackedSamples]:
     """Render a batch of rays ``[R, 3], [R, 3]`` → ``rgb [R, 3]`` (premultiplied), ``alpha [R]``,
-    ``depth [R]`` (and ``depth_surface [R]`` with ``surface_opacity``), ``weights [K]`` and ``samples``
+    ``depth [R]`` (and ``depth_surface [R]`` with ``surface_opacity`` and ``solid_alpha``, as
+    :func:`composite_packed`), ``weights [K]`` and ``samples``
     (how many samples reached the MLPs, a 0-d tensor); and the packed samples themselves.
 
     With ``early_stop_eps > 0`` a density-only pass first drops samples whose transmittance
@@ -211,7 +213,7 @@ def render_rays(
             keep = visible_samples(model.geometry(points)[0], samples, early_stop_eps)
         samples, points = samples.select(keep), points[keep]
     sigma, rgb = model(points, directions[samples.ray_indices])
-    out = composite_packed(sigma, rgb, samples, surface_opacity)
+    out = composite_packed(sigma, rgb, samples, surface_opacity, solid_alpha)
     out["samples"] = torch.tensor(samples.ray_indices.shape[0])
     return out, samples
 
@@ -251,7 +253,8 @@ class NgpRadianceField:
 
     @torch.no_grad()
     def render_chunks(
-        self, c2w: Tensor, intrinsics: Tensor, width: int, height: int, surface_opacity: float | None = None
+        self, c2w: Tensor, intrinsics: Tensor, width: int, height: int, surface_opacity: float | None = None,
+        solid_alpha: float = 0.0,
     ) -> Iterator[tuple[dict[str, Tensor], PackedSamples]]:
         """One view's pixels, row-major, ``chunk`` rays at a time: what :func:`render_rays` returns for each."""
         c2w = c2w.to(self.device, torch.float32)
@@ -261,19 +264,20 @@ class NgpRadianceField:
         for part in pixels.split(self.chunk):
             origins, directions = pixel_rays(c2w, intrinsics, part)
             yield render_rays(self.model, self.sampler, origins, directions, jitter=False,
-                              surface_opacity=surface_opacity, early_stop_eps=self.early_stop_eps)
+                              surface_opacity=surface_opacity, early_stop_eps=self.early_stop_eps, solid_alpha=solid_alpha)
 
     @torch.no_grad()
     def render(
-        self, c2w: Tensor, intrinsics: Tensor, width: int, height: int, surface_opacity: float = 0.5
+        self, c2w: Tensor, intrinsics: Tensor, width: int, height: int, surface_opacity: float = 0.5, solid_alpha: float = 0.0
     ) -> dict[str, Tensor]:
         """One view: c2w ``[4, 4]`` (OpenGL), intrinsics ``[4]`` fx, fy, cx, cy →
         ``rgb [H, W, 3]`` (premultiplied), ``alpha [H, W]``, ``depth [H, W]`` (expected distance) and
-        ``depth_surface [H, W]`` (where opacity reaches ``surface_opacity``; 0 where it never does);
+        ``depth_surface [H, W]`` (where opacity reaches ``surface_opacity``, counting samples at least
+        ``solid_alpha`` opaque; 0 where it never does);
         rays go in chunks."""
         keys = ("rgb", "alpha", "depth", "depth_surface")
         parts: dict[str, list[Tensor]] = {key: [] for key in keys}
-        for out, _ in self.render_chunks(c2w, intrinsics, width, height, surface_opacity):
+        for out, _ in self.render_chunks(c2w, intrinsics, width, height, surface_opacity, solid_alpha):
             for key in keys:
                 parts[key].append(out[key].float())
         shapes = {"rgb": (height, width, 3)}

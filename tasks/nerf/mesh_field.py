@@ -141,11 +141,13 @@ class MeshField:
 
     @torch.no_grad()
     def render(
-        self, c2w: Tensor, intrinsics: Tensor, width: int, height: int, surface_opacity: float = 0.5, chunk: int = 4096
+        self, c2w: Tensor, intrinsics: Tensor, width: int, height: int, surface_opacity: float = 0.5,
+        solid_alpha: float = 0.0, chunk: int = 4096,
     ) -> dict[str, Tensor]:
         """One view: c2w ``[4, 4]`` (OpenGL), intrinsics ``[4]`` → ``rgb [H, W, 3]`` (premultiplied),
         ``alpha [H, W]``, ``depth [H, W]``; ``render_samples`` steps across the box diagonal.
-        ``surface_opacity`` is ignored: the mesh's shell is nearly opaque, its mean depth is its surface."""
+        ``surface_opacity`` and ``solid_alpha`` are ignored: the mesh's shell is nearly opaque, its mean
+        depth is its surface."""
         c2w, intrinsics = c2w.to(self.device, torch.float32), intrinsics.to(self.device, torch.float32)
         v, u = torch.meshgrid(torch.arange(height, device=self.device), torch.arange(width, device=self.device), indexing="ij")
         pixels = torch.stack([u.reshape(-1), v.reshape(-1)], -1)

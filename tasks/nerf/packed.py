@@ -69,20 +69,23 @@ def depth_at_opacity(weights: Tensor, samples: PackedSamples, level: float) -> T
 
 
 def composite_packed(
-    sigmas: Tensor, colors: Tensor, samples: PackedSamples, surface_opacity: float | None = None
+    sigmas: Tensor, colors: Tensor, samples: PackedSamples, surface_opacity: float | None = None, solid_alpha: float = 0.0
 ) -> dict[str, Tensor]:
     """Alpha compositing of packed samples, front to back.
 
     sigmas ``[K]``, colors ``[K, 3]`` → ``rgb [R, 3]`` (premultiplied, no background),
     ``alpha [R]`` (accumulated opacity), ``depth [R]`` (expected distance, 0 where empty),
     ``weights [K]``; with ``surface_opacity``, also ``depth_surface [R]``: the first sample
-    where the opacity reaches that level (0 where it never does). Matches
-    :func:`tasks.nerf.rays.composite` on the same samples.
+    where the opacity reaches that level (0 where it never does); with ``solid_alpha``, the
+    opacity of only the samples at least that opaque on their own, as if the thinner haze were
+    not there. Matches :func:`tasks.nerf.rays.composite` on the
+    same samples.
     """
     rays, n_rays = samples.ray_indices, samples.n_rays
     optical_depth = sigmas.float() * (samples.t_ends - samples.t_starts)
     transmittance = torch.exp(-segment_cumsum(optical_depth, rays, exclusive=True)).float()
-    weights = transmittance * (1.0 - torch.exp(-optical_depth))
+    sample_alpha = 1.0 - torch.exp(-optical_depth)
+    weights = transmittance * sample_alpha
     t_mid = samples.t_mid
     zeros = weights.new_zeros(n_rays)
     alpha = zeros.index_add(0, rays, weights)
@@ -94,7 +97,11 @@ def composite_packed(
     }
     if surface_opacity is not None:
         with torch.no_grad():
-            out["depth_surface"] = depth_at_opacity(weights, samples, surface_opacity)
+            counted = weights
+            if solid_alpha > 0:  # composite again without the haze, as if it were not there
+                solid = optical_depth * (sample_alpha >= solid_alpha)
+                counted = torch.exp(-segment_cumsum(solid, rays, exclusive=True)) * (1.0 - torch.exp(-solid))
+            out["depth_surface"] = depth_at_opacity(counted, samples, surface_opacity)
     return out
 
 

@@ -78,14 +78,17 @@ def stratified_samples(
 
 
 def composite(
-    sigmas: Tensor, colors: Tensor, t_mid: Tensor, step: float, surface_opacity: float | None = None
+    sigmas: Tensor, colors: Tensor, t_mid: Tensor, step: float, surface_opacity: float | None = None,
+    solid_alpha: float = 0.0,
 ) -> dict[str, Tensor]:
     """Alpha compositing along each ray (front to back).
 
     sigmas ``[R, S]`` (0 in culled / invalid slots), colors ``[R, S, 3]``, t_mid ``[R, S]``.
     Returns ``rgb [R, 3]`` (premultiplied, no background), ``alpha [R]`` (accumulated
     opacity), ``depth [R]`` (expected distance, 0 where empty), ``weights [R, S]``; with
-    ``surface_opacity``, also ``depth_surface [R]``: where the opacity reaches that level (0 where it never does).
+    ``surface_opacity``, also ``depth_surface [R]``: where the opacity reaches that level (0 where it never does),
+    with ``solid_alpha``, the opacity of only the samples at least that opaque on their own, as if
+    the thinner haze were not there.
     """
     optical_depth = sigmas * step  # [R, S]
     alpha = 1.0 - torch.exp(-optical_depth)
@@ -97,8 +100,13 @@ def composite(
     depth = (weights * t_mid).sum(-1)
     out = {"rgb": rgb, "alpha": accumulated, "depth": depth, "weights": weights}
     if surface_opacity is not None:
-        crossed = (torch.cumsum(weights, dim=-1) < surface_opacity).sum(-1).clamp(max=t_mid.shape[-1] - 1)
-        reached = accumulated >= surface_opacity
+        counted = weights
+        if solid_alpha > 0:  # composite again without the haze, as if it were not there
+            solid = optical_depth * (alpha >= solid_alpha)
+            counted = torch.exp(-(torch.cumsum(solid, dim=-1) - solid)) * (1.0 - torch.exp(-solid))
+        running = torch.cumsum(counted, dim=-1)
+        crossed = (running < surface_opacity).sum(-1).clamp(max=t_mid.shape[-1] - 1)
+        reached = running[:, -1] >= surface_opacity
         out["depth_surface"] = torch.where(reached, t_mid.gather(-1, crossed[:, None])[:, 0], torch.zeros_like(depth))
     return out
 
