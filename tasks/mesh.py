@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from dataclasses import field as dataclass_field
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from tasks.mesh_texture import bake_texture, encode_image, linear_to_srgb, shade
 from tasks.mesh_unwrap import unwrap
 from tasks.mesh_usdz import export_usdz
 from tasks.nerf.base import get_backend
+from tasks.nerf.camera_opt import REFINED_TRANSFORMS
 from tasks.types import MaskSet, MeshAsset, TrainedField
 
 log = logging.getLogger(__name__)
@@ -277,6 +278,10 @@ def extract_mesh(
         clock = now
 
     radiance = get_backend(field.backend).load(Path(field.dir), device)
+    refined = Path(field.dir) / REFINED_TRANSFORMS
+    if refined.is_file():
+        # The field was trained on refined cameras: render and carve it from those poses.
+        masks = replace(masks, transforms=refined)
     field_aabb = radiance.aabb.detach().float().cpu().numpy().astype(np.float64).reshape(2, 3)
     box = meshing_box(field_aabb, masks, settings)
     voxel = float(np.mean((box[1] - box[0]) / (settings.grid_resolution - 1)))
@@ -357,6 +362,7 @@ def extract_mesh(
         "texture_error": colored.get("texture_error"),
         "bbox_world_zup": {"min": colored["vertices"].min(0).tolist(), "max": colored["vertices"].max(0).tolist()},
         "meshing_box": box.tolist(),
+        "cameras": "refined by training" if refined.is_file() else "solved",
         **surface,
         "triangles_marching_cubes": raw_triangles,
         "triangles_culled_by_hull": cleaning["triangles_culled_by_hull"],

@@ -18,6 +18,7 @@ import tasks.mesh as mesh_stage
 import tasks.mesh_preview as preview
 from tasks.mesh import MeshBudgetError, MeshSettings, extract_mesh
 from tasks.mesh_export import Z_UP_TO_Y_UP, read_glb
+from tasks.mesh_fusion import FusionSettings
 from tasks.mesh_geometry import EmptyFieldError
 from tasks.mesh_texture import srgb_to_linear
 from tasks.mesh_unwrap import UnwrapError
@@ -430,3 +431,32 @@ def test_stage_goes_on_without_usd_core_or_with_usdz_off(tmp_path, monkeypatch, 
     monkeypatch.undo()
     off = run(tmp_path / "off", SPHERE, replace(FAST, grid_resolution=48, texture_size=0, usdz=False))
     assert json.loads(off.metrics.read_text())["usdz"] == "off (mesh.usdz=false)" and "usdz" not in off.extra
+
+
+def test_mesh_stage_renders_from_the_cameras_training_refined(tmp_path):
+    """A field trained with nerf.pose_lr leaves refined_transforms.json: the fusion must use those
+    poses, not the masks' solved ones (here knocked 0.3 sideways, which would smear the sphere)."""
+    from tasks.nerf.camera_opt import REFINED_TRANSFORMS, write_refined_transforms
+
+    field = write_analytic_field(tmp_path / "field", SPHERE)
+    masks = write_masks(tmp_path / "masks", AnalyticField(SPHERE), views=8, size=64)
+    meta = json.loads(Path(masks.transforms).read_text())
+    names = [frame["file_path"] for frame in meta["frames"]]
+    poses = torch.tensor([frame["transform_matrix"] for frame in meta["frames"]])
+    write_refined_transforms(Path(masks.transforms), names, poses, Path(field.dir) / REFINED_TRANSFORMS)
+    for frame in meta["frames"]:
+        frame["transform_matrix"][0][3] += 0.3
+    Path(masks.transforms).write_text(json.dumps(meta))
+    settings = replace(FAST, surface="depth_fusion", texture_size=0, fusion=FusionSettings(views=8, long_side=64))
+
+    def radius_error(out: str) -> tuple[str, float]:
+        asset = extract_mesh(field, masks, tmp_path / out, settings, fingerprint=out)
+        verts = to_world(trimesh.load(asset.glb, force="mesh").vertices)
+        # 90th percentile: the stage closes the unseen underside flat, off the sphere.
+        error = np.percentile(np.abs(np.linalg.norm(verts - CENTRE, axis=1) - SPHERE.radius), 90)
+        return json.loads(asset.metrics.read_text())["cameras"], float(error)
+
+    assert radius_error("refined") == ("refined by training", pytest.approx(0.0, abs=0.02))
+    (Path(field.dir) / REFINED_TRANSFORMS).unlink()
+    cameras, error = radius_error("solved")
+    assert cameras == "solved" and error > 0.05

@@ -206,7 +206,8 @@ def render_rays(
     With ``early_stop_eps > 0`` a density-only pass first drops samples whose transmittance
     is below it (behind an opaque surface), so the colour MLP and backward skip them.
     """
-    samples = sampler.sample(origins, directions, jitter, generator)
+    # Where samples fall is not differentiated (refined cameras get their gradient through the points).
+    samples = sampler.sample(origins.detach(), directions.detach(), jitter, generator)
     points = samples.points(origins, directions)
     if early_stop_eps > 0 and samples.ray_indices.numel() > 0:
         with torch.no_grad():

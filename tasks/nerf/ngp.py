@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from tasks.nerf.base import TrainReport, register_backend
+from tasks.nerf.camera_opt import REFINED_TRANSFORMS, CameraCorrections, rotation_degrees, write_refined_transforms
 from tasks.nerf.dataset import aabb_pixel_rects, load_capture, load_hull
 from tasks.nerf.depth_prior import line_of_sight_loss, load_sparse_depth
 from tasks.nerf.evaluate import evaluate_frames, save_previews
@@ -84,6 +85,9 @@ class NgpSettings:
     depth_margin: float = 0.005
     depth_max_error_px: float = 1.0
     depth_min_views: int = 3
+    pose_lr: float = 0.0
+    pose_rotation_penalty: float = 1e-3
+    pose_translation_penalty: float = 1e-2
     mixed_precision: bool = False
     render_chunk: int = 16384
     log_every: int = 50
@@ -163,6 +167,7 @@ def _train(
 ) -> TrainReport:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / REFINED_TRANSFORMS).unlink(missing_ok=True)  # an earlier run's poses must not outlive it
     torch.manual_seed(s.seed)
     generator = torch.Generator(device=device).manual_seed(s.seed)
     if device.type == "cuda":
@@ -201,6 +206,10 @@ def _train(
         # One fused kernel for the 16M-entry table instead of a chain of elementwise ones.
         fused=device.type == "cuda",
     )
+    cameras = None
+    if s.pose_lr > 0:
+        cameras = CameraCorrections(len(capture.names), train_ids.tolist()).to(device)
+        optimizer.add_param_group({"params": [cameras.delta], "lr": s.pose_lr, "weight_decay": 0.0})
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, s))
     use_amp = s.mixed_precision and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -212,8 +221,9 @@ def _train(
         if step % s.occ_update_every == 0:
             fraction = 1.0 if step < s.occ_warmup_steps else s.occ_update_fraction
             occupancy.update(density_fn, fraction, s.render_chunk * 8, generator)
+        poses = None if cameras is None else cameras.apply(capture.c2w)
         origins, directions, rgb, mask = sample_training_rays(
-            capture, pixels, s.rays_per_batch, generator, s.pixel_jitter
+            capture, pixels, s.rays_per_batch, generator, s.pixel_jitter, poses
         )
         background = torch.rand(rgb.shape, device=device, generator=generator)
         target = rgb * mask[:, None] + background * (1 - mask[:, None])
@@ -239,6 +249,8 @@ def _train(
                 out["weights"][is_depth], depth_samples, point_depth, s.depth_margin * diagonal)
         if s.distortion_loss_weight > 0:
             loss = loss + s.distortion_loss_weight * distortion_loss(out["weights"], samples, diagonal)
+        if cameras is not None:
+            loss = loss + cameras.penalty(s.pose_rotation_penalty, s.pose_translation_penalty)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -251,6 +263,16 @@ def _train(
     train_seconds = time.perf_counter() - started
 
     model.eval()
+    pose_report: dict[str, Any] = {}
+    if cameras is not None:
+        # Every frame, held-out ones included (from their neighbours), is evaluated and meshed
+        # from the refined poses; the mesh stage finds them in refined_transforms.json.
+        delta = cameras.filled()
+        capture.c2w = cameras.apply(capture.c2w, delta).detach()
+        write_refined_transforms(transforms, capture.names, capture.c2w, out_dir / REFINED_TRANSFORMS)
+        learned = delta[cameras.trained]
+        pose_report = {"pose_rotation_deg_median": float(rotation_degrees(learned).median()),
+                       "pose_translation_median": float(learned[:, 3:].norm(dim=-1).median())}
     save_checkpoint(out_dir, model, occupancy, s)
     field = NgpRadianceField(model, sampler, s.render_chunk, s.early_stop_eps)
     limit = s.eval_max_frames or None
@@ -275,6 +297,7 @@ def _train(
             "train_frames": len(capture.train_ids),
             "occupied_fraction": occupancy.occupied_fraction,
             "depth_prior_observations": 0 if sparse is None else len(sparse),
+            **pose_report,
             "eval_seconds": time.perf_counter() - started - train_seconds,
             "aabb": aabb.tolist(),
         },

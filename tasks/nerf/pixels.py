@@ -81,7 +81,8 @@ def training_pixels(
 
 
 def sample_training_rays(
-    capture: Capture, pixels: TrainingPixels, n_rays: int, generator: torch.Generator, jitter: bool = False
+    capture: Capture, pixels: TrainingPixels, n_rays: int, generator: torch.Generator, jitter: bool = False,
+    c2w: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``n_rays`` training rays drawn as ``pixels`` says.
 
@@ -89,11 +90,13 @@ def sample_training_rays(
     (1 = product). With ``jitter`` each ray passes a random point of its pixel instead of the
     centre (instant-ngp does the same): a pixel's colour is the average over its area, and
     texture finer than a pixel is then learned as that average instead of as whatever one
-    point shows.
+    point shows. ``c2w [F, 4, 4]`` replaces the capture's poses (refined cameras; gradients flow
+    into them through the rays).
     """
     frames, u, v = pixels.pick(n_rays, capture.width, capture.height, generator)
     within = torch.rand(n_rays, 2, device=u.device, generator=generator) if jitter else None
-    origins, directions = pixel_rays(capture.c2w[frames], capture.intrinsics[frames], torch.stack([u, v], -1), within)
+    poses = capture.c2w if c2w is None else c2w
+    origins, directions = pixel_rays(poses[frames], capture.intrinsics[frames], torch.stack([u, v], -1), within)
     rgb = capture.images[frames, v, u].float() / 255.0
     mask = capture.masks[frames, v, u].float()
     return origins, directions, rgb, mask
