@@ -23,6 +23,7 @@ from bench.records import load_records, save_records
 from bench.targets import check_targets, targets_markdown
 from flows.config import compose_config
 from tasks import detect, mesh, segment, shard, train
+from tasks.nerf.camera_opt import REFINED_TRANSFORMS
 from tasks.types import FrameSet, VideoInput
 
 
@@ -102,6 +103,11 @@ def run(
 
     figures: dict[str, Any] = {}
     figures.update(quality.camera_quality(stills.index, rig.transforms, truth))
+    refined = Path(field.dir) / REFINED_TRANSFORMS
+    if refined.is_file():  # nerf.pose_lr: the cameras as training left them
+        cams = quality.camera_quality(stills.index, refined, truth)
+        figures["rotation_error_deg_median_refined"] = cams["rotation_error_deg_median"]
+        figures["position_error_of_radius_median_refined"] = cams["position_error_of_radius_median"]
     figures.update(quality.mask_quality(stills.index, masks.transforms, truth))
     train_metrics = json.loads(field.metrics.read_text())
     figures["psnr_holdout_object"] = train_metrics.get("extra", {}).get("psnr_holdout_object")
