@@ -213,7 +213,7 @@ def render_rays(
         with torch.no_grad():
             keep = visible_samples(model.geometry(points)[0], samples, early_stop_eps)
         samples, points = samples.select(keep), points[keep]
-    sigma, rgb = model(points, directions[samples.ray_indices])
+    sigma, rgb = model(points, samples.per_sample(directions))
     out = composite_packed(sigma, rgb, samples, surface_opacity, solid_alpha)
     out["samples"] = torch.tensor(samples.ray_indices.shape[0])
     return out, samples

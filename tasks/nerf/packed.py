@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tasks.nerf.hashgrid import gather_rows
+
 
 @dataclass
 class PackedSamples:
@@ -37,7 +39,12 @@ class PackedSamples:
 
     def points(self, origins: Tensor, directions: Tensor) -> Tensor:
         """World positions of the samples. origins, directions ``[R, 3]`` → ``[K, 3]``."""
-        return origins[self.ray_indices] + self.t_mid[:, None] * directions[self.ray_indices]
+        return self.per_sample(origins) + self.t_mid[:, None] * self.per_sample(directions)
+
+    def per_sample(self, per_ray: Tensor) -> Tensor:
+        """Each sample's row of ``per_ray [R, C]`` → ``[K, C]``. Its backward (when refined cameras
+        make rays differentiable) adds atomically instead of sorting a million indices."""
+        return gather_rows(per_ray, self.ray_indices) if per_ray.requires_grad else per_ray[self.ray_indices]
 
 
 def segment_cumsum(values: Tensor, ray_indices: Tensor, exclusive: bool) -> Tensor:
