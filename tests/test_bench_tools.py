@@ -219,3 +219,15 @@ def test_depth_errors_measure_the_fields_depth_against_the_truth(tmp_path):
         assert after["median_mm"] == pytest.approx(before["median_mm"] - 0.02 * diag * 1e3, abs=1e-2)
     # A field trained 150 steps already has its surface near the box's faces somewhere.
     assert max(row["within_1pct"] for row in plain["levels"]) > 0.2
+
+
+def test_surface_figure_colours_distance_green_yellow_red():
+    from bench.surface_figure import distance_colours
+
+    plane = trimesh.creation.box(extents=(0.2, 0.2, 0.0001))  # the z = 0 plane, densely sampled
+    points = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 0.01], [0.0, 0.0, 0.02], [0.0, 0.0, 0.5]])
+    colours = distance_colours(points, plane, threshold=0.01, samples=200_000)
+    assert colours.shape == (4, 4) and (colours[:, 3] == 255).all()
+    assert colours[0, 0] < 30 and colours[0, 1] == 255 and colours[0, 2] == 0  # green on the surface
+    assert colours[1, 0] > 230 and colours[1, 1] > 230 and colours[1, 2] == 0  # yellow at the threshold
+    assert tuple(colours[2, :3]) == (255, 0, 0) and tuple(colours[3, :3]) == (255, 0, 0)
