@@ -225,7 +225,7 @@ def test_surface_figure_colours_distance_green_yellow_red():
     from bench.surface_figure import distance_colours
 
     plane = trimesh.creation.box(extents=(0.2, 0.2, 0.0001))  # the z = 0 plane, densely sampled
-    points = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 0.01], [0.0, 0.0, 0.02], [0.0, 0.0, 0.5]])
+    points = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 0.01], [0.0, 0.0, 0.03], [0.0, 0.0, 0.5]])
     colours = distance_colours(points, plane, threshold=0.01, samples=200_000)
     assert colours.shape == (4, 4) and (colours[:, 3] == 255).all()
     assert colours[0, 0] < 30 and colours[0, 1] == 255 and colours[0, 2] == 0  # green on the surface
