@@ -231,3 +231,19 @@ def test_surface_figure_colours_distance_green_yellow_red():
     assert colours[0, 0] < 30 and colours[0, 1] == 255 and colours[0, 2] == 0  # green on the surface
     assert colours[1, 0] > 230 and colours[1, 1] > 230 and colours[1, 2] == 0  # yellow at the threshold
     assert tuple(colours[2, :3]) == (255, 0, 0) and tuple(colours[3, :3]) == (255, 0, 0)
+
+
+def test_geometry_quality_splits_recall_of_an_open_products_inside(tmp_path):
+    """Truth: a box with an inner lining (walls facing the axis, like a basket's inside); the
+    estimate has only the outside. The inward recall says what is missing, the total does not."""
+    from bench.quality import geometry_quality
+
+    outer = trimesh.creation.box(extents=(1.0, 1.0, 1.0))
+    lining = trimesh.creation.box(extents=(0.7, 0.7, 0.9))
+    lining.invert()  # normals towards the axis
+    trimesh.util.concatenate([outer, lining]).export(tmp_path / "truth.ply")
+    figures = geometry_quality(outer, tmp_path / "truth.ply", samples=40_000)
+    # The lining's four walls (2.52 m²) of 9.5 m² in all; its floor and ceiling face up and down.
+    assert figures["inward_fraction"] == pytest.approx(2.52 / 9.5, abs=0.02)
+    assert figures["recall_1pct_icp_inward"] == pytest.approx(0.0, abs=0.01)
+    assert figures["recall_1pct_icp"] == pytest.approx(6.0 / 9.5, abs=0.02)  # only the outside is found
