@@ -144,7 +144,7 @@ def test_training_with_the_prior_puts_the_surface_at_the_points(scene):
     extra = json.loads(Path(record.metrics).read_text())["extra"]
     capture = load_capture(masks.transforms, 1, 8, torch.device("cpu"))
     training = load_sparse_depth(masks.transforms, capture, capture.train_ids, 1.0, 2)
-    assert extra["depth_prior_observations"] == len(training)
+    assert extra["depth_prior_observations"] == len(training) and extra["depth_prior_steps"] == 300
     from tasks.nerf.field import render_rays
     from tasks.nerf.base import get_backend
 
@@ -158,3 +158,10 @@ def test_training_with_the_prior_puts_the_surface_at_the_points(scene):
     assert float((error <= 3 * margin).float().mean()) >= 0.9, error.median()
     # Still a recognisable box (this run: 19.8 dB; 21.3 without the prior).
     assert extra["psnr_holdout_object"] >= mean_colour_psnr(masks) + 6.0, extra
+
+
+def test_prior_stops_after_its_share_of_the_steps(scene):
+    root, masks, _ = scene
+    settings = dict(TINY, steps=20, depth_loss_weight=0.1, depth_loss_until=0.25, depth_rays_per_batch=64, depth_min_views=2)
+    record = train_field(masks, root / "field-until", settings, "fp-prior-until")
+    assert json.loads(Path(record.metrics).read_text())["extra"]["depth_prior_steps"] == 5

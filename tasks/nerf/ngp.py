@@ -81,6 +81,7 @@ class NgpSettings:
     alpha_loss_weight: float = 0.0
     distortion_loss_weight: float = 0.01
     depth_loss_weight: float = 0.0
+    depth_loss_until: float = 1.0
     depth_rays_per_batch: int = 2048
     depth_margin: float = 0.005
     depth_max_error_px: float = 1.0
@@ -217,6 +218,7 @@ def _train(
 
     model.train()
     loss_value, psnr_value = float("nan"), float("nan")
+    prior_steps = 0
     for step in range(s.steps):
         if step % s.occ_update_every == 0:
             fraction = 1.0 if step < s.occ_warmup_steps else s.occ_update_fraction
@@ -228,7 +230,9 @@ def _train(
         background = torch.rand(rgb.shape, device=device, generator=generator)
         target = rgb * mask[:, None] + background * (1 - mask[:, None])
         n_color = origins.shape[0]
-        if sparse is not None:
+        use_prior = sparse is not None and step < s.depth_loss_until * s.steps
+        if use_prior:
+            prior_steps += 1
             # The depth prior's rays ride in the same batch: one render, one backward.
             depth_origins, depth_directions, point_depth = sparse.pick(s.depth_rays_per_batch, generator)
             origins, directions = torch.cat([origins, depth_origins]), torch.cat([directions, depth_directions])
@@ -241,7 +245,7 @@ def _train(
         loss = color_loss
         if s.alpha_loss_weight > 0:
             loss = loss + s.alpha_loss_weight * torch.mean((out["alpha"][:n_color].float() - mask) ** 2)
-        if sparse is not None:
+        if use_prior:
             is_depth = samples.ray_indices >= n_color
             depth_samples = PackedSamples(samples.ray_indices[is_depth] - n_color, samples.t_starts[is_depth],
                                           samples.t_ends[is_depth], point_depth.shape[0])
@@ -297,6 +301,7 @@ def _train(
             "train_frames": len(capture.train_ids),
             "occupied_fraction": occupancy.occupied_fraction,
             "depth_prior_observations": 0 if sparse is None else len(sparse),
+            "depth_prior_steps": prior_steps,
             **pose_report,
             "eval_seconds": time.perf_counter() - started - train_seconds,
             "aabb": aabb.tolist(),
