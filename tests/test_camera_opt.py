@@ -110,3 +110,11 @@ def test_training_refines_cameras_knocked_off_by_a_degree_and_a_half(tmp_path):
     # Retraining without refinement removes the old poses, so the mesh stage cannot pick them up.
     train_field(masks, tmp_path / "train", {**TINY, "steps": 5, "holdout_every": 0}, "fp2")
     assert not (tmp_path / "train" / REFINED_TRANSFORMS).exists()
+
+
+def test_diverged_refinement_fails_naming_the_setting(tmp_path):
+    masks = write_scene(tmp_path / "scene")
+    settings = {**TINY, "steps": 60, "pose_lr": 0.3, "holdout_every": 0}
+    with pytest.raises(RuntimeError, match=r"diverged.*pose_max_rotation_deg=2.0.*lower nerf.pose_lr=0.3"):
+        train_field(masks, tmp_path / "train", settings, "fp")
+    assert not (tmp_path / "train" / REFINED_TRANSFORMS).exists()

@@ -89,6 +89,7 @@ class NgpSettings:
     pose_lr: float = 0.0
     pose_rotation_penalty: float = 1e-3
     pose_translation_penalty: float = 1e-2
+    pose_max_rotation_deg: float = 2.0
     mixed_precision: bool = False
     render_chunk: int = 16384
     log_every: int = 50
@@ -272,11 +273,19 @@ def _train(
         # Every frame, held-out ones included (from their neighbours), is evaluated and meshed
         # from the refined poses; the mesh stage finds them in refined_transforms.json.
         delta = cameras.filled()
-        capture.c2w = cameras.apply(capture.c2w, delta).detach()
-        write_refined_transforms(transforms, capture.names, capture.c2w, out_dir / REFINED_TRANSFORMS)
         learned = delta[cameras.trained]
         pose_report = {"pose_rotation_deg_median": float(rotation_degrees(learned).median()),
                        "pose_translation_median": float(learned[:, 3:].norm(dim=-1).median())}
+        if pose_report["pose_rotation_deg_median"] > s.pose_max_rotation_deg:
+            # A solve is off by tenths of a degree; corrections of degrees mean field and cameras
+            # drifted together (the basket at pose_lr=3e-3: 10°, 9.7 dB), and the mesh would be noise.
+            raise RuntimeError(
+                f"camera refinement diverged: the training frames' corrections are "
+                f"{pose_report['pose_rotation_deg_median']:.1f}° (median), over nerf.pose_max_rotation_deg="
+                f"{s.pose_max_rotation_deg}; lower nerf.pose_lr={s.pose_lr} (1e-3 was measured) or set it to 0"
+            )
+        capture.c2w = cameras.apply(capture.c2w, delta).detach()
+        write_refined_transforms(transforms, capture.names, capture.c2w, out_dir / REFINED_TRANSFORMS)
     save_checkpoint(out_dir, model, occupancy, s)
     field = NgpRadianceField(model, sampler, s.render_chunk, s.early_stop_eps)
     limit = s.eval_max_frames or None
