@@ -150,23 +150,24 @@ def geometry_quality(estimate: trimesh.Trimesh, truth_mesh: Path, samples: int =
     true_pts = np.asarray(true_pts)
     figures = _surface_figures(est_pts, true_pts, diag)
     R, t = refine_alignment(est_pts[::8], true_pts, max_dist=0.03 * diag)
-    figures.update({f"{k}_icp": v for k, v in _surface_figures(est_pts @ R.T + t, true_pts, diag).items()})
+    aligned = est_pts @ R.T + t
+    figures.update({f"{k}_icp": v for k, v in _surface_figures(aligned, true_pts, diag).items()})
     # Recall split by which way the true surface faces: an orbit above the product never sees its
     # underside (normal pointing down), so that part says how the unseen base was closed.
-    d_true, _ = cKDTree(est_pts @ R.T + t).query(true_pts, workers=-1)
-    down = np.asarray(truth.face_normals)[true_faces][:, 2] < -0.7
+    d_true, _ = cKDTree(aligned).query(true_pts, workers=-1)
+    normals = np.asarray(truth.face_normals)[true_faces]
+    down = normals[:, 2] < -0.7
     figures["underside_fraction"] = float(down.mean())
     figures["recall_1pct_icp_underside"] = float((d_true[down] < 0.01 * diag).mean()) if down.any() else None
     figures["recall_1pct_icp_rest"] = float((d_true[~down] < 0.01 * diag).mean())
     # ...and the inside of an open product (a basket's inner walls: sideways normals that point
     # towards the vertical axis), seen only through its opening.
-    normals = np.asarray(truth.face_normals)[true_faces]
     towards_axis = np.einsum("ij,ij->i", normals[:, :2], true_pts[:, :2] - truth.bounds.mean(0)[:2]) < 0
     inward = towards_axis & (np.abs(normals[:, 2]) <= 0.7)
     figures["inward_fraction"] = float(inward.mean())
     figures["recall_1pct_icp_inward"] = float((d_true[inward] < 0.01 * diag).mean()) if inward.any() else None
-    figures.update(precision_by_facing(est_pts @ R.T + t, true_pts, np.asarray(truth.face_normals)[true_faces], diag))
-    figures["icp_shift_m"] = float(np.linalg.norm(est_pts.mean(0) @ R.T + t - est_pts.mean(0)))
+    figures.update(precision_by_facing(aligned, true_pts, normals, diag))
+    figures["icp_shift_m"] = float(np.linalg.norm(aligned.mean(0) - est_pts.mean(0)))
     figures["icp_rotation_deg"] = float(np.degrees(np.arccos(np.clip((np.trace(R) - 1) / 2, -1, 1))))
     extent_err = (estimate.extents - truth.extents) / truth.extents
     figures["bbox_extent_error_max"] = float(np.abs(extent_err).max())
