@@ -279,7 +279,8 @@ def extract_mesh(
 
     radiance = get_backend(field.backend).load(Path(field.dir), device)
     refined = Path(field.dir) / REFINED_TRANSFORMS
-    if refined.is_file():
+    trained_on_refined = refined.is_file()
+    if trained_on_refined:
         # The field was trained on refined cameras: render and carve it from those poses.
         masks = replace(masks, transforms=refined)
     field_aabb = radiance.aabb.detach().float().cpu().numpy().astype(np.float64).reshape(2, 3)
@@ -362,7 +363,7 @@ def extract_mesh(
         "texture_error": colored.get("texture_error"),
         "bbox_world_zup": {"min": colored["vertices"].min(0).tolist(), "max": colored["vertices"].max(0).tolist()},
         "meshing_box": box.tolist(),
-        "cameras": "refined by training" if refined.is_file() else "solved",
+        "cameras": "refined by training" if trained_on_refined else "solved",
         **surface,
         "triangles_marching_cubes": raw_triangles,
         "triangles_culled_by_hull": cleaning["triangles_culled_by_hull"],
