@@ -44,7 +44,7 @@ class PackedSamples:
     def per_sample(self, per_ray: Tensor) -> Tensor:
         """Each sample's row of ``per_ray [R, C]`` → ``[K, C]``. Its backward (when refined cameras
         make rays differentiable) adds atomically instead of sorting a million indices."""
-        return gather_rows(per_ray, self.ray_indices) if per_ray.requires_grad else per_ray[self.ray_indices]
+        return gather_rows(per_ray, self.ray_indices)
 
 
 def segment_cumsum(values: Tensor, ray_indices: Tensor, exclusive: bool) -> Tensor:
