@@ -25,7 +25,7 @@ class NgpModel(nn.Module):
 
     ``geometry_levels`` (0 = all) caps the hash levels the density reads at the coarsest ones;
     the finer levels then feed the colour MLP only. Why: with one shared encoding a field is
-    free to explain fine texture (a basket's painted weave, a box's print) by moving its
+    free to explain fine texture (a basket's weave, a box's print) by moving its
     surface by a few millimetres; capped, texture finer than the geometry's levels can only
     be colour.
     """
