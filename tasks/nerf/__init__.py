@@ -3,3 +3,5 @@
 from tasks.nerf import ngp  # noqa: F401  (registers "ngp")
 # "instant_ngp" and "nerfacto": importing them needs neither pyngp nor nerfstudio.
 from tasks.nerf import instant_ngp, nerfacto  # noqa: F401
+# "splat": gsplat is needed to train (densification), not to import.
+from tasks.nerf import splat  # noqa: F401

@@ -1,0 +1,222 @@
+"""The splat backend (2D Gaussian surfels): the dense rasteriser's geometry, its gradients, training
+on the analytic box scene (CPU, tiny), the checkpoint, settings errors, and — on CUDA only — the
+dense rasteriser against gsplat's kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.nerf.base import get_backend
+from tasks.nerf.surfels import Surfels, depth_to_normals, rasterize
+from tasks.train import train_field, validate_nerf_settings
+from tests.test_nerf_ngp import BOX_HALF, look_at, mean_colour_psnr, write_scene
+
+# Tiny CPU settings: 48x36 frames, a few thousand surfels (the dense rasteriser holds pixels x surfels).
+TINY = {
+    "backend": "splat", "device": "cpu", "cpu_threads": 1, "iterations": 240, "downscale": 2,
+    "init_samples": 20000, "init_max_surfels": 1500, "sh_degree": 1, "sh_degree_every": 100,
+    "refine_from": 60, "refine_every": 40, "grow_grad2d": 0.0001, "log_every": 40, "render_rows": 12,
+}
+K = torch.tensor([60.0, 60.0, 32.0, 24.0])  # fx, fy, cx, cy of a 64x48 view
+
+
+def one_surfel(opacity: float = 0.8, scale: float = 0.05, at=(0.0, 0.0, 0.0)) -> Surfels:
+    """A disc at ``at`` in the z = const plane (its normal along z), grey."""
+    return Surfels(
+        means=torch.tensor([at], dtype=torch.float32),
+        quats=torch.tensor([[1.0, 0.0, 0.0, 0.0]]),
+        scales=torch.tensor([[scale, scale]]),
+        opacities=torch.tensor([opacity]),
+        sh=torch.zeros(1, 1, 3),
+    )
+
+
+def camera_above(height: float = 2.0) -> torch.Tensor:
+    """OpenGL c2w looking straight down -z at the origin from ``height``."""
+    c2w = torch.eye(4)
+    c2w[2, 3] = height
+    return c2w
+
+
+def test_a_disc_facing_the_camera_projects_to_its_size_depth_and_normal():
+    out = rasterize(one_surfel(), camera_above(), K, 64, 48, sh_degree=0)
+    alpha, depth = out["alpha"], out["depth"]
+    # Pixel (32, 24) is centred 0.5 px off the optical axis; the disc's sigma is 0.05 * 60 / 2 = 1.5 px.
+    sigma_px = 0.05 * 60 / 2
+    alpha, depth = alpha.detach(), depth.detach()
+    assert float(alpha.max()) == pytest.approx(0.8 * math.exp(-0.5 * (0.5**2 + 0.5**2) / sigma_px**2), rel=1e-4)
+    three_px = float(alpha[24, 35])  # 3.5 px right of the centre, 0.5 px down
+    assert three_px == pytest.approx(0.8 * math.exp(-0.5 * (3.5**2 + 0.5**2) / sigma_px**2), rel=1e-3)
+    covered = alpha > 0.01
+    assert torch.allclose(depth[covered], torch.full_like(depth[covered], 2.0), atol=1e-5)
+    assert bool((out["median"][alpha >= 0.5] == 2.0).all()) and bool((out["median"][alpha < 0.5] == 0).all())
+    # The rendered normal faces the camera: +z in the world.
+    normal = out["normals"][24, 32] / alpha[24, 32]
+    assert torch.allclose(normal, torch.tensor([0.0, 0.0, 1.0]), atol=1e-5)
+    # Premultiplied grey (SH 0 → 0.5) without a background, plus the background's share with one.
+    assert torch.allclose(out["rgb"][24, 32], 0.5 * alpha[24, 32].expand(3), atol=1e-6)
+    grey = rasterize(one_surfel(), camera_above(), K, 64, 48, 0, background=torch.tensor([1.0, 0.0, 0.0]))["rgb"]
+    assert float(grey[0, 0, 0]) == pytest.approx(1.0) and float(grey[0, 0, 1]) == pytest.approx(0.0)
+
+
+def test_nearer_disc_hides_farther_and_sets_the_median():
+    near, far = one_surfel(0.9, at=(0.0, 0.0, 0.5)), one_surfel(0.9, at=(0.0, 0.0, 0.0))
+    both = Surfels(*[torch.cat([getattr(far, k), getattr(near, k)]) for k in ("means", "quats", "scales", "opacities", "sh")])
+    out = rasterize(both, camera_above(), K, 64, 48, sh_degree=0)
+    # Camera z 1.5 (near) and 2.0 (far); the near one covers 0.9 of the centre.
+    assert float(out["median"][24, 32]) == pytest.approx(1.5)
+    alpha = float(out["alpha"][24, 32])
+    a_near = float(rasterize(near, camera_above(), K, 64, 48, 0)["alpha"][24, 32])
+    a_far = float(rasterize(far, camera_above(), K, 64, 48, 0)["alpha"][24, 32])
+    assert alpha == pytest.approx(1 - (1 - a_near) * (1 - a_far), rel=1e-5)
+    assert float(out["depth"][24, 32]) == pytest.approx((a_near * 1.5 + (1 - a_near) * a_far * 2.0) / alpha, rel=1e-5)
+
+
+def test_screen_gradient_points_where_the_disc_should_move():
+    surfel = one_surfel()
+    out = rasterize(surfel, camera_above(), K, 64, 48, sh_degree=0)
+    # More opacity 3 px to the right: the disc should move right (+u), so the loss falls along +u.
+    loss = -out["alpha"][24, 35]
+    loss.backward()
+    grad = out["grad2d"].grad[0, 0]
+    assert float(grad[0]) < 0 and abs(float(grad[1])) < abs(float(grad[0]))
+
+
+def test_depth_to_normals_recovers_a_tilted_plane():
+    c2w = camera_above()
+    # The plane z = 0.3 x seen from above: camera z = 2 - 0.3 x, with x = (u - cx) / fx * z.
+    v, u = torch.meshgrid(torch.arange(48.0), torch.arange(64.0), indexing="ij")
+    a = (u + 0.5 - 32) / 60  # x / z_cam; the OpenCV camera's x is the world's x here
+    depth = 2.0 / (1 + 0.3 * a)
+    normals = depth_to_normals(depth, c2w, K)
+    expected = torch.nn.functional.normalize(torch.tensor([-0.3, 0.0, 1.0]), dim=0)
+    assert torch.allclose(normals[10:-10, 10:-10], expected.expand(28, 44, 3), atol=1e-3)
+    assert bool((normals[0] == 0).all())
+
+
+def box_distance(c2w: torch.Tensor, intrinsics: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Distance along each pixel's ray to the box scene's box ``[H, W]`` (inf where the ray misses)."""
+    from tasks.nerf.rays import intersect_aabb, pixel_rays
+
+    v, u = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    origins, directions = pixel_rays(c2w, intrinsics, torch.stack([u.reshape(-1), v.reshape(-1)], -1))
+    half = torch.tensor(BOX_HALF, dtype=torch.float32)
+    near, _, hit = intersect_aabb(origins, directions, torch.stack([-half, half]))
+    return torch.where(hit, near, torch.full_like(near, math.inf)).reshape(height, width)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("splat")
+    masks = write_scene(root / "scene")
+    calls = []
+    record = train_field(masks, root / "field", dict(TINY), "fp-splat", progress=lambda *a: calls.append(a))
+    return masks, record, calls
+
+
+def test_training_learns_the_box(trained):
+    masks, record, calls = trained
+    metrics = json.loads(Path(record.metrics).read_text())
+    extra = metrics["extra"]
+    assert record.backend == "splat" and metrics["steps"] == TINY["iterations"] and extra["rasterizer"] == "torch"
+    assert extra["holdout_frames"] == 3 and extra["train_frames"] == 21
+    assert calls and calls[-1][0] == TINY["iterations"] and math.isfinite(calls[-1][2]["loss"])
+    # Densification ran: the count moved away from the seeds' (grown where the gradient is large,
+    # pruned where transparent).
+    assert extra["surfels"] != TINY["init_max_surfels"], extra
+    floor = mean_colour_psnr(masks)
+    print(f"splat metrics: {extra}; mean-colour floor {floor:.1f} dB")
+    assert extra["psnr_holdout_object"] >= floor + 5.0, (extra, floor)
+    assert extra["mask_iou_holdout"] >= 0.9, extra
+    assert (Path(record.dir) / "preview_0000.png").is_file()
+
+
+def test_surfels_sit_on_the_box_and_render_its_depth(trained):
+    _, record, _ = trained
+    field = get_backend("splat").load(record.dir, "cpu")
+    # Opaque surfels lie near the true box's faces: its sides and top within 15 % of its size (the
+    # cameras circle 25° above it and never see the underside, which the masks do not bound), and
+    # most of them within 2.5 % of the box's size of a face.
+    opaque = field.surfels.means[field.surfels.opacities > 0.5]
+    size = torch.tensor(2 * BOX_HALF, dtype=torch.float32)
+    error = torch.maximum((opaque.amin(0) + size / 2).abs(), (opaque.amax(0) - size / 2).abs()) / size
+    assert bool((error[:2] <= 0.15).all()) and float((opaque.amax(0)[2] - size[2] / 2).abs() / size[2]) <= 0.15, (
+        opaque.amin(0), opaque.amax(0))
+    to_face = (torch.tensor(BOX_HALF, dtype=torch.float32) - opaque.abs()).abs().amin(-1)
+    print(f"opaque surfels within 0.02 of a face: {float((to_face < 0.02).float().mean()):.2f}")
+    assert float((to_face < 0.02).float().mean()) >= 0.7
+    # A view's surface depth matches the box's ray-cast distance on most covered pixels.
+    c2w = torch.tensor(look_at(np.array([1.8, 0.6, 0.9])), dtype=torch.float32)
+    view = field.render(c2w, K, 64, 48)
+    truth = box_distance(c2w, K, 64, 48)
+    both = (view["depth_surface"] > 0) & torch.isfinite(truth)
+    assert float(both.float().mean()) > 0.2
+    assert float(((view["depth_surface"] - truth).abs()[both] < 0.05).float().mean()) >= 0.8
+
+
+def test_density_and_colour_come_from_nearby_surfels(trained):
+    _, record, _ = trained
+    field = get_backend("splat").load(record.dir, "cpu")
+    inside = torch.zeros(1, 3)
+    face = torch.tensor([[float(BOX_HALF[0]), 0.0, 0.0]])  # the +x face's centre
+    far = torch.tensor([[0.0, 0.0, 1.2]])  # outside the box entirely
+    sigma = field.density(torch.cat([face, inside, far]))
+    assert float(sigma[0]) > 10 * float(sigma[1]) and float(sigma[2]) == 0.0
+    rgb = field.color(face, torch.tensor([[-1.0, 0.0, 0.0]]))
+    assert rgb.shape == (1, 3) and bool(((rgb >= 0) & (rgb <= 1)).all())
+
+
+def test_settings_errors_and_profile_keys(tmp_path):
+    assert validate_nerf_settings({**TINY, "rays_per_batch": 512, "steps": 2000}) == "splat"  # a profile's ngp keys
+    with pytest.raises(ValueError, match="iteratons.*did you mean 'iterations'"):
+        validate_nerf_settings({**TINY, "iteratons": 3})
+    from tasks.nerf.splat import choose_rasterizer
+
+    with pytest.raises(RuntimeError, match="rasterizer=gsplat needs CUDA"):
+        choose_rasterizer("gsplat", torch.device("cpu"))
+    with pytest.raises(FileNotFoundError, match="no splat checkpoint"):
+        get_backend("splat").load(tmp_path, "cpu")
+
+
+def test_yaml_lists_every_setting():
+    import dataclasses
+
+    import yaml
+
+    from tasks.nerf.splat import SplatSettings
+
+    conf = yaml.safe_load((Path(__file__).parents[1] / "conf/nerf/splat.yaml").read_text())
+    assert set(conf) == {f.name for f in dataclasses.fields(SplatSettings)}
+    validate_nerf_settings(conf)
+
+
+@pytest.mark.gpu
+def test_dense_rasterizer_matches_gsplat():
+    """The CPU engine computes what gsplat's CUDA kernels compute, on a random cloud."""
+    generator = torch.Generator().manual_seed(0)
+    n = 400
+    surfels = Surfels(
+        means=(torch.rand(n, 3, generator=generator) - 0.5) * 0.8,
+        quats=torch.nn.functional.normalize(torch.randn(n, 4, generator=generator), dim=-1),
+        scales=torch.rand(n, 2, generator=generator) * 0.05 + 0.01,
+        opacities=torch.rand(n, generator=generator) * 0.9 + 0.05,
+        sh=torch.randn(n, 4, 3, generator=generator) * 0.3,
+    )
+    c2w = torch.tensor(look_at(np.array([1.8, 0.6, 0.9])), dtype=torch.float32)
+    cuda = Surfels(**{k: v.cuda() for k, v in vars(surfels).items()})
+    dense = rasterize(surfels, c2w, K, 64, 48, sh_degree=1, background=torch.tensor([0.2, 0.3, 0.4]))
+    tiled = rasterize(cuda, c2w.cuda(), K.cuda(), 64, 48, sh_degree=1, background=torch.tensor([0.2, 0.3, 0.4]).cuda(), engine="gsplat")
+    for key, tolerance in (("rgb", 2e-3), ("alpha", 2e-3), ("normals", 5e-3)):
+        difference = (dense[key] - tiled[key].cpu()).abs()
+        assert float(difference.max()) < tolerance, (key, float(difference.max()))
+    opaque = dense["alpha"] > 0.2
+    assert float((dense["depth"] - tiled["depth"].cpu()).abs()[opaque].max()) < 2e-3
+    same_median = (dense["median"] - tiled["median"].cpu()).abs() < 1e-4
+    assert float(same_median.float().mean()) > 0.97
