@@ -34,11 +34,10 @@ from tasks.nerf.external import split_settings, warn_ignored
 from tasks.nerf.ngp import _peak_memory_mb, choose_device, padded_aabb
 from tasks.nerf.rays import camera_to_pixels
 from tasks.nerf.settings import settings_from_dict
-from tasks.nerf.splat_field import SplatRadianceField, activated
+from tasks.nerf.splat_field import SH_C0, SplatRadianceField, activated
 from tasks.nerf.surfels import depth_to_normals, rasterize
 
 CHECKPOINT_FORMAT = "korokoro-splat-1"
-SH_C0 = 0.28209479177387814
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,7 @@ class SplatSettings:
     device: str = "auto"
     rasterizer: str = "auto"
     seed: int = 0
-    iterations: int = 3000
+    iterations: int = 2000
     downscale: int = 1
     holdout_every: int = 8
     aabb_padding: float = 0.1
@@ -58,7 +57,7 @@ class SplatSettings:
     init_hull_fraction: float = 0.9
     init_opacity: float = 0.1
     sh_degree: int = 3
-    sh_degree_every: int = 500
+    sh_degree_every: int = 400
     lr_means: float = 1.6e-4
     lr_means_final_factor: float = 0.01
     lr_scales: float = 5e-3
@@ -81,7 +80,7 @@ class SplatSettings:
     prune_opacity: float = 0.05
     prune_scale3d: float = 0.1
     max_surfels: int = 1000000
-    field_neighbours: int = 16
+    field_grid_resolution: int = 256
     render_rows: int = 32
     cpu_threads: int = 0
     log_every: int = 100
@@ -189,6 +188,7 @@ def _train(
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(s.seed)
     generator = torch.Generator(device=device).manual_seed(s.seed)
+    frames = torch.Generator().manual_seed(s.seed)  # on the CPU: picking a frame needs no GPU sync
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     capture = load_capture(transforms, s.downscale, s.holdout_every, device)
@@ -208,12 +208,12 @@ def _train(
     )
     strategy.check_sanity(params, optimizers)
     state = strategy.initialize_state(scene_scale=scale)
-    train_ids = torch.tensor(capture.train_ids, device=device)
+    train_ids = capture.train_ids
     height, width = capture.masks.shape[1:]
     normal_from, distortion_from = int(s.normal_loss_from * s.iterations), int(s.distortion_loss_from * s.iterations)
     started = time.perf_counter()
     for step in range(s.iterations):
-        frame = int(train_ids[torch.randint(len(train_ids), (1,), device=device, generator=generator)])
+        frame = int(train_ids[int(torch.randint(len(train_ids), (1,), generator=frames))])
         image = capture.images[frame].float() / 255.0
         mask = capture.masks[frame]
         background = torch.rand(3, device=device, generator=generator)
@@ -257,7 +257,7 @@ def _train(
         torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - started
     save_checkpoint(out_dir, params, aabb, s)
-    field = SplatRadianceField(activated(params), aabb, s.sh_degree, engine, s.field_neighbours, s.render_rows)
+    field = SplatRadianceField(activated(params), aabb, s.sh_degree, engine, s.field_grid_resolution, s.render_rows)
     limit = s.eval_max_frames or None
     holdout = evaluate_frames(field, capture, capture.holdout_ids[:limit])
     spread = capture.train_ids[:: max(1, len(capture.train_ids) // max(1, s.eval_train_frames))][: s.eval_train_frames]
@@ -308,7 +308,7 @@ def load_splat(out_dir: Path, device: str | torch.device = "cpu") -> SplatRadian
     # A GPU-trained cloud still loads on the CPU: only the rasteriser changes.
     engine = choose_rasterizer("auto" if s.rasterizer == "gsplat" else s.rasterizer, device)
     params = {k: v.to(device) for k, v in state["params"].items()}
-    return SplatRadianceField(activated(params), state["aabb"].to(device), s.sh_degree, engine, s.field_neighbours, s.render_rows)
+    return SplatRadianceField(activated(params), state["aabb"].to(device), s.sh_degree, engine, s.field_grid_resolution, s.render_rows)
 
 
 @register_backend("splat")

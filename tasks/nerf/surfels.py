@@ -189,9 +189,9 @@ def _rasterize_dense(
     t = (means * normal).sum(-1) / torch.where(r_dot_n.abs() < 1e-10, torch.full_like(r_dot_n, 1e-10), r_dot_n)
     su = (t * along_ray(tangent_u) - (means * tangent_u).sum(-1)) / (tangent_u * tangent_u).sum(-1)
     sv = (t * along_ray(tangent_v) - (means * tangent_v).sum(-1)) / (tangent_v * tangent_v).sum(-1)
-    z = means[:, 2].clamp(min=near)
-    offset_u = px - shift[:, 0] - (fx * means[:, 0] / z + cx)
-    offset_v = py - shift[:, 1] - (fy * means[:, 1] / z + cy)
+    centre = _screen_centres(tangent_u, tangent_v, means, camera_matrix(intrinsics))
+    offset_u = px - shift[:, 0] - centre[:, 0]
+    offset_v = py - shift[:, 1] - centre[:, 1]
     screen = FILTER_INV_SQUARE * (offset_u * offset_u + offset_v * offset_v)
     sigma = 0.5 * torch.minimum(su * su + sv * sv, screen)
     alpha = (surfels.opacities[order] * torch.exp(-sigma)).clamp(max=0.999)
@@ -221,3 +221,14 @@ def _rasterize_dense(
         "grad2d": grad2d,
         "radii": (alpha > 0).any(0)[order.argsort()].float()[None, :, None].expand(1, -1, 2),
     }
+
+
+def _screen_centres(tangent_u: Tensor, tangent_v: Tensor, means: Tensor, k: Tensor) -> Tensor:
+    """Each surfel's screen centre as gsplat's 2DGS projection defines it ``[N, 2]``: the centre of
+    the box around its projected 3-sigma ellipse (the projected centre when it faces the camera)."""
+    t_sl = k @ torch.stack([tangent_u, tangent_v, means], -1)  # [N, 3, 3]: rows x, y, w of the splat's homography
+    test = torch.tensor([1.0, 1.0, -1.0], device=means.device, dtype=means.dtype)
+    w_row = t_sl[:, 2]
+    d = (w_row * w_row * test).sum(-1, keepdim=True)
+    d = torch.where(d.abs() > 1e-12, d, torch.full_like(d, 1e-12))
+    return (t_sl[:, :2] * (w_row * test)[:, None, :]).sum(-1) / d
