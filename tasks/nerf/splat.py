@@ -52,8 +52,8 @@ class SplatSettings:
     downscale: int = 1
     holdout_every: int = 8
     aabb_padding: float = 0.1
-    init_samples: int = 200000
-    init_max_surfels: int = 50000
+    init_samples: int = 400000
+    init_max_surfels: int = 100000
     init_hull_fraction: float = 0.9
     init_opacity: float = 0.1
     sh_degree: int = 3
@@ -79,7 +79,8 @@ class SplatSettings:
     grow_scale3d: float = 0.01
     prune_opacity: float = 0.05
     prune_scale3d: float = 0.1
-    max_surfels: int = 1000000
+    max_surfels: int = 2000000
+    dense_max_pairs: int = 20000000
     field_grid_resolution: int = 256
     render_rows: int = 32
     cpu_threads: int = 0
@@ -102,6 +103,16 @@ def choose_rasterizer(name: str, device: torch.device) -> str:
     except ImportError as exc:
         raise RuntimeError("nerf.rasterizer needs gsplat on CUDA: pip install 'korokoro[gpu]' (gsplat==1.5.3)") from exc
     return "gsplat"
+
+
+def check_dense_size(surfels: int, width: int, height: int, s: SplatSettings) -> None:
+    """The dense rasteriser holds a few pixels × surfels tensors: refuse sizes that would not fit."""
+    if surfels * width * height > s.dense_max_pairs:
+        raise ValueError(
+            f"the dense (CPU) rasteriser would pair {width}x{height} pixels with {surfels} surfels, over "
+            f"nerf.dense_max_pairs={s.dense_max_pairs}; train on CUDA (rasterizer=gsplat), or raise "
+            f"nerf.downscale (now {s.downscale}) or lower nerf.init_max_surfels (now {s.init_max_surfels})"
+        )
 
 
 def seed_surfels(capture: Capture, hull_box: Tensor, s: SplatSettings, generator: torch.Generator) -> dict[str, Tensor]:
@@ -183,7 +194,10 @@ def _train(
     s: SplatSettings, device: torch.device, engine: str, transforms: Path, hull: Path, out_dir: Path,
     progress: Callable[[int, int, dict[str, float]], None] | None,
 ) -> TrainReport:
-    from gsplat.strategy import DefaultStrategy
+    try:
+        from gsplat.strategy import DefaultStrategy
+    except ImportError as exc:
+        raise RuntimeError("nerf=splat needs gsplat to grow and prune its surfels: pip install 'korokoro[splat]' (gsplat==1.5.3)") from exc
 
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(s.seed)
@@ -196,6 +210,9 @@ def _train(
     aabb = padded_aabb(hull_box, s.aabb_padding)
     scale = scene_scale(capture)
     params = torch.nn.ParameterDict({k: torch.nn.Parameter(v) for k, v in seed_surfels(capture, hull_box, s, generator).items()})
+    height, width = capture.masks.shape[1:]
+    if engine == "torch":
+        check_dense_size(len(params["means"]), width, height, s)
     rates = {"means": s.lr_means * scale, "scales": s.lr_scales, "quats": s.lr_quats,
              "opacities": s.lr_opacities, "sh0": s.lr_sh0, "shN": s.lr_shN}
     optimizers = {k: torch.optim.Adam([{"params": params[k], "lr": lr, "name": k}], eps=1e-15) for k, lr in rates.items()}
@@ -209,7 +226,6 @@ def _train(
     strategy.check_sanity(params, optimizers)
     state = strategy.initialize_state(scene_scale=scale)
     train_ids = capture.train_ids
-    height, width = capture.masks.shape[1:]
     normal_from, distortion_from = int(s.normal_loss_from * s.iterations), int(s.distortion_loss_from * s.iterations)
     started = time.perf_counter()
     for step in range(s.iterations):
@@ -243,6 +259,8 @@ def _train(
         for group in optimizers["means"].param_groups:
             group["lr"] *= means_decay
         strategy.step_post_backward(params, optimizers, state, step, info, packed=False)
+        if engine == "torch":
+            check_dense_size(len(params["means"]), width, height, s)
         if len(params["means"]) > s.max_surfels:
             raise RuntimeError(
                 f"the surfels grew to {len(params['means'])}, over nerf.max_surfels={s.max_surfels}; "
