@@ -179,6 +179,44 @@ def test_density_and_colour_come_from_nearby_surfels(trained):
     assert int(rgb[0].argmax()) == 1, rgb  # FACE_COLORS[1], the +x face: green
 
 
+def test_seeds_from_the_solves_sparse_points(tmp_path):
+    from tasks.nerf.dataset import load_capture, load_hull
+    from tasks.nerf.splat import SplatSettings, seed_surfels, sparse_points
+
+    masks = write_scene(tmp_path / "scene", n_views=8)
+    generator = torch.Generator().manual_seed(0)
+    # 300 points on the box's top face, 20 far outside it, and 5 with a large reprojection error.
+    top = torch.rand(300, 3, generator=generator) * torch.tensor([0.7, 0.5, 0.0]) - torch.tensor([0.35, 0.25, -0.25])
+    outside = torch.tensor([[0.9, 0.8, 0.6]]) + torch.rand(20, 3, generator=generator) * 0.1
+    xyz = torch.cat([top, outside, top[:5] + 0.01]).numpy()
+    error = np.r_[np.full(320, 0.5), np.full(5, 3.0)]
+    view_point = np.repeat(np.arange(len(xyz)), 3)  # each point seen by three frames
+    np.savez(tmp_path / "scene/point_views.npz", xyz=xyz, error=error, view_point=view_point,
+             view_frame=np.zeros_like(view_point), frame_names=np.array(["frame_000.png"]))
+    meta = json.loads(Path(masks.transforms).read_text())
+    meta["korokoro"] = {"point_views": "point_views.npz"}
+    Path(masks.transforms).write_text(json.dumps(meta))
+    points = sparse_points(Path(masks.transforms), max_error_px=1.0, min_views=3)
+    assert points is not None and len(points) == 320  # the badly reprojected five are dropped
+    capture = load_capture(Path(masks.transforms), 1, 8, torch.device("cpu"))
+    settings = SplatSettings(sh_degree=1)
+    seeds = seed_surfels(capture, load_hull(Path(masks.hull)), settings, generator, points)
+    # The points inside the masks are the seeds, as they are; those outside the hull are not.
+    assert len(seeds["means"]) == 300 and torch.equal(seeds["means"], top)
+    # Each disc as wide as the mean distance to its three nearest seeds: ~0.02 for 300 points on 0.35 m².
+    width = seeds["scales"][:, 0].exp()
+    assert 0.005 < float(width.median()) < 0.05 and seeds["scales"].shape == (300, 3)
+    # Coloured by the frames: the top face's colours (FACE_COLORS[5], cyan, lit 0.55-1.0).
+    colour = seeds["sh0"][:, 0] * 0.28209479177387814 + 0.5
+    assert float(colour[:, 0].mean()) < 0.3 and float(colour[:, 1:].mean()) > 0.4
+
+
+def test_seeding_from_points_needs_them(tmp_path):
+    masks = write_scene(tmp_path / "scene", n_views=4)
+    with pytest.raises(ValueError, match="init_from=points.*no sparse points.*init_from=hull"):
+        train_field(masks, tmp_path / "field", {**TINY, "init_from": "points"}, "fp")
+
+
 def test_settings_errors_and_profile_keys(tmp_path):
     assert validate_nerf_settings({**TINY, "rays_per_batch": 512, "steps": 2000}) == "splat"  # a profile's ngp keys
     with pytest.raises(ValueError, match="iteratons.*did you mean 'iterations'"):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -52,9 +53,13 @@ class SplatSettings:
     downscale: int = 1
     holdout_every: int = 8
     aabb_padding: float = 0.1
+    init_from: str = "hull"
+    init_max_error_px: float = 1.0
+    init_min_views: int = 3
     init_samples: int = 400000
     init_max_surfels: int = 100000
     init_hull_fraction: float = 0.9
+    init_min_framed: float = 0.5
     init_opacity: float = 0.1
     sh_degree: int = 3
     sh_degree_every: int = 400
@@ -67,7 +72,7 @@ class SplatSettings:
     lr_shN: float = 1.25e-4
     ssim_weight: float = 0.2
     alpha_loss_weight: float = 1.0
-    normal_loss_weight: float = 0.05
+    normal_loss_weight: float = 0.01
     normal_loss_from: float = 0.25
     distortion_loss_weight: float = 0.0
     distortion_loss_from: float = 0.1
@@ -115,19 +120,26 @@ def check_dense_size(surfels: int, width: int, height: int, s: SplatSettings) ->
         )
 
 
-def seed_surfels(capture: Capture, hull_box: Tensor, s: SplatSettings, generator: torch.Generator) -> dict[str, Tensor]:
-    """Raw parameters of the first surfels: points of the masks' visual hull, coloured by the frames.
+def sparse_points(transforms: Path, max_error_px: float, min_views: int) -> Tensor | None:
+    """The camera solve's sparse points ``[M, 3]`` seen by ``min_views`` frames within
+    ``max_error_px`` (``point_views.npz``, named by transforms.json); None when there are none."""
+    meta = json.loads(Path(transforms).read_text()).get("korokoro", {})
+    path = Path(transforms).parent / str(meta.get("point_views", ""))
+    if "point_views" not in meta or not path.is_file():
+        return None
+    data = np.load(path)
+    views = np.bincount(data["view_point"].astype(np.int64), minlength=len(data["xyz"]))
+    keep = (data["error"] <= max_error_px) & (views >= min_views)
+    return torch.from_numpy(data["xyz"][keep]).float() if keep.any() else None
 
-    Points drawn uniformly in the hull box stay where at least ``init_hull_fraction`` of the
-    training views that frame them see the product; each starts as a disc the size of its
-    spacing, facing a random way, with the mean colour the frames show there.
-    """
-    device = capture.images.device
-    lo, hi = hull_box[0].to(device), hull_box[1].to(device)
-    points = lo + (hi - lo) * torch.rand(s.init_samples, 3, device=device, generator=generator)
-    inside = torch.zeros(len(points), device=device)
-    framed = torch.zeros(len(points), device=device)
-    colour = torch.zeros(len(points), 3, device=device)
+
+def hull_colours(points: Tensor, capture: Capture) -> tuple[Tensor, Tensor, Tensor]:
+    """For points ``[M, 3]``: the share of the training views that frame each ``[M]``, the share of
+    those that see it inside the mask ``[M]`` (0 where none frame it), and the mean colour those
+    views show there ``[M, 3]``."""
+    inside = torch.zeros(len(points), device=points.device)
+    framed = torch.zeros(len(points), device=points.device)
+    colour = torch.zeros(len(points), 3, device=points.device)
     height, width = capture.masks.shape[1:]
     for i in capture.train_ids:
         w2c = torch.linalg.inv(capture.c2w[i])
@@ -140,24 +152,51 @@ def seed_surfels(capture: Capture, hull_box: Tensor, s: SplatSettings, generator
         framed += seen.float()
         inside += hit.float()
         colour += capture.images[i][row, col].float() / 255.0 * hit[:, None]
-    keep = (framed > 0) & (inside >= s.init_hull_fraction * framed)
+    in_mask = torch.where(framed > 0, inside / framed.clamp(min=1), 0.0)
+    return framed / len(capture.train_ids), in_mask, colour / inside.clamp(min=1)[:, None]
+
+
+def seed_surfels(
+    capture: Capture, hull_box: Tensor, s: SplatSettings, generator: torch.Generator, points: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Raw parameters of the first surfels, coloured by the frames, facing random ways.
+
+    ``points`` (the solve's sparse points, ``init_from: points``) seed on the surface, each disc
+    as wide as the mean distance to its three nearest seeds (3DGS's rule); without them, points
+    drawn uniformly in the hull box fill the masks' visual hull, each disc as wide as their
+    spacing. Either way a seed stays where at least ``init_min_framed`` of the training views
+    frame it and ``init_hull_fraction`` of those see the product there.
+    """
+    device = capture.images.device
+    lo, hi = hull_box[0].to(device), hull_box[1].to(device)
+    from_points = points is not None
+    if points is None:
+        points = lo + (hi - lo) * torch.rand(s.init_samples, 3, device=device, generator=generator)
+    candidates = len(points)
+    framed, in_mask, colour = hull_colours(points.to(device), capture)
+    keep = (framed >= s.init_min_framed) & (in_mask >= s.init_hull_fraction)
     if int(keep.sum()) < 16:
         raise RuntimeError(
-            f"the masks' visual hull holds {int(keep.sum())} of {s.init_samples} seed points; "
+            f"the masks' visual hull holds {int(keep.sum())} of {candidates} seed points; "
             "check the masks (segment stage) and cameras, or raise nerf.init_samples"
         )
-    points, colour = points[keep], colour[keep] / inside[keep, None]
-    points, colour = points[: s.init_max_surfels], colour[: s.init_max_surfels]
-    # A disc as wide as the seeds' spacing (points per hull volume) so the seeds tile the hull.
-    spacing = float(((hi - lo).prod() * keep.float().mean() / len(points)) ** (1 / 3))
+    points, colour = points.to(device)[keep][: s.init_max_surfels], colour[keep][: s.init_max_surfels]
     n = len(points)
+    if from_points:
+        from scipy.spatial import cKDTree
+
+        distances, _ = cKDTree(points.cpu().numpy()).query(points.cpu().numpy(), k=4)
+        log_scale = torch.from_numpy(np.log(np.maximum(distances[:, 1:].mean(1), 1e-6))).float().to(device)
+    else:  # the seeds' spacing (points per hull volume), so the discs tile the hull
+        spacing = float(((hi - lo).prod() * keep.float().mean() / n) ** (1 / 3))
+        log_scale = torch.full((n,), math.log(spacing), device=device)
     coefficients = (s.sh_degree + 1) ** 2
     sh = torch.zeros(n, coefficients, 3, device=device)
     sh[:, 0] = (colour - 0.5) / SH_C0
     return {
         "means": points,
         # [N, 3] as gsplat's splitting expects; the third axis is the disc's unused thickness.
-        "scales": torch.full((n, 3), math.log(spacing), device=device),
+        "scales": log_scale[:, None].expand(n, 3).contiguous(),
         "quats": F.normalize(torch.randn(n, 4, device=device, generator=generator), dim=-1),
         "opacities": torch.full((n,), math.log(s.init_opacity / (1 - s.init_opacity)), device=device),
         "sh0": sh[:, :1].contiguous(),
@@ -177,6 +216,8 @@ def train_splat(
 ) -> TrainReport:
     """Train the surfels and write the checkpoint folder; returns the report with held-out PSNR and SSIM."""
     s, ignored = split_settings(settings, SplatSettings)
+    if s.init_from not in ("hull", "points"):
+        raise ValueError(f"nerf.init_from={s.init_from!r} is not one of hull, points")
     warn_ignored("splat", ignored)
     device = choose_device(s.device)
     engine = choose_rasterizer(s.rasterizer, device)
@@ -209,7 +250,13 @@ def _train(
     hull_box = load_hull(hull).to(device)
     aabb = padded_aabb(hull_box, s.aabb_padding)
     scale = scene_scale(capture)
-    params = torch.nn.ParameterDict({k: torch.nn.Parameter(v) for k, v in seed_surfels(capture, hull_box, s, generator).items()})
+    points = sparse_points(transforms, s.init_max_error_px, s.init_min_views) if s.init_from == "points" else None
+    if s.init_from == "points" and points is None:
+        raise ValueError(
+            f"nerf.init_from=points but {transforms} names no sparse points (point_views) to seed from; "
+            "rerun the colmap stage, or use nerf.init_from=hull"
+        )
+    params = torch.nn.ParameterDict({k: torch.nn.Parameter(v) for k, v in seed_surfels(capture, hull_box, s, generator, points).items()})
     height, width = capture.masks.shape[1:]
     if engine == "torch":
         check_dense_size(len(params["means"]), width, height, s)
