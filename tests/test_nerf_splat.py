@@ -161,6 +161,17 @@ def test_surfels_sit_on_the_box_and_render_its_depth(trained):
     assert float(((view["depth_surface"] - truth).abs()[both] < 0.05).float().mean()) >= 0.7
 
 
+def test_rendering_in_bands_is_rendering_whole(trained):
+    _, record, _ = trained
+    field = get_backend("splat").load(record.dir, "cpu")
+    c2w = torch.tensor(look_at(np.array([1.8, 0.6, 0.9])), dtype=torch.float32)
+    whole = field.render(c2w, K, 64, 48)
+    field.dense_max_pairs = 64 * len(field.surfels.means)  # one row at a time
+    rows = field.render(c2w, K, 64, 48)
+    for key in ("rgb", "alpha", "depth", "depth_surface"):
+        assert torch.allclose(whole[key], rows[key], atol=1e-5), key
+
+
 def test_density_and_colour_come_from_nearby_surfels(trained):
     _, record, _ = trained
     field = get_backend("splat").load(record.dir, "cpu")
@@ -171,7 +182,8 @@ def test_density_and_colour_come_from_nearby_surfels(trained):
     sigma = field.density(line)
     assert sigma.shape == (41,) and bool((sigma >= 0).all())
     solid = line[sigma > 0.1 * float(sigma.max()), 0]
-    assert abs(float(solid.max()) - float(BOX_HALF[0])) <= 0.05, (solid, sigma)
+    cell = float((field.aabb[1] - field.aabb[0]).max()) / (field.grid_resolution - 1)  # 0.034 here
+    assert abs(float(solid.max()) - float(BOX_HALF[0])) <= 2 * cell, (solid, sigma)
     assert float(sigma[line[:, 0] > BOX_HALF[0] + 0.1].max()) < 0.01 * float(sigma.max())
     face = line[int(sigma.argmax())][None]
     rgb = field.color(face, torch.tensor([[-1.0, 0.0, 0.0]]))

@@ -322,7 +322,7 @@ def _train(
         torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - started
     save_checkpoint(out_dir, params, aabb, s)
-    field = SplatRadianceField(activated(params), aabb, s.sh_degree, engine, s.field_grid_resolution, s.render_rows)
+    field = SplatRadianceField(activated(params), aabb, s.sh_degree, engine, s.field_grid_resolution, s.render_rows, s.dense_max_pairs)
     limit = s.eval_max_frames or None
     holdout = evaluate_frames(field, capture, capture.holdout_ids[:limit])
     spread = capture.train_ids[:: max(1, len(capture.train_ids) // max(1, s.eval_train_frames))][: s.eval_train_frames]
@@ -373,7 +373,7 @@ def load_splat(out_dir: Path, device: str | torch.device = "cpu") -> SplatRadian
     # A GPU-trained cloud still loads on the CPU: only the rasteriser changes.
     engine = choose_rasterizer("auto" if s.rasterizer == "gsplat" else s.rasterizer, device)
     params = {k: v.to(device) for k, v in state["params"].items()}
-    return SplatRadianceField(activated(params), state["aabb"].to(device), s.sh_degree, engine, s.field_grid_resolution, s.render_rows)
+    return SplatRadianceField(activated(params), state["aabb"].to(device), s.sh_degree, engine, s.field_grid_resolution, s.render_rows, s.dense_max_pairs)
 
 
 @register_backend("splat")

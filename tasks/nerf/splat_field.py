@@ -34,13 +34,17 @@ def activated(params: Mapping[str, Tensor]) -> Surfels:
 class SplatRadianceField:
     """Surfels ``[N]`` in the box ``aabb [2, 3]``, rendered with ``engine`` (torch or gsplat)."""
 
-    def __init__(self, surfels: Surfels, aabb: Tensor, sh_degree: int, engine: str, grid_resolution: int, render_rows: int) -> None:
+    def __init__(
+        self, surfels: Surfels, aabb: Tensor, sh_degree: int, engine: str, grid_resolution: int, render_rows: int,
+        dense_max_pairs: int,
+    ) -> None:
         self.surfels = Surfels(**{k: v.detach() for k, v in vars(surfels).items()})
         self.aabb = aabb
         self.sh_degree = sh_degree
         self.engine = engine
         self.grid_resolution = grid_resolution
         self.render_rows = render_rows
+        self.dense_max_pairs = dense_max_pairs
         self._grid: tuple[Tensor, Tensor] | None = None
 
     @property
@@ -62,10 +66,11 @@ class SplatRadianceField:
         intrinsics = intrinsics.to(self.device, torch.float32)
         if self.engine == "gsplat":
             parts = [rasterize(self.surfels, c2w, intrinsics, width, height, self.sh_degree, engine="gsplat")]
-        else:  # the dense engine holds pixels × surfels: render bands of rows
+        else:  # the dense engine holds pixels × surfels: bands of rows, as many as dense_max_pairs allows
             parts = []
-            for top in range(0, height, self.render_rows):
-                rows = min(self.render_rows, height - top)
+            band_rows = max(1, min(self.render_rows, self.dense_max_pairs // max(1, width * len(self.surfels.means))))
+            for top in range(0, height, band_rows):
+                rows = min(band_rows, height - top)
                 band = intrinsics.clone()
                 band[3] -= top
                 parts.append(rasterize(self.surfels, c2w, band, width, rows, self.sh_degree, engine="torch"))
