@@ -154,3 +154,29 @@ def save_previews(field: NgpRadianceField, capture: Capture, frame_ids: Sequence
         alpha = (view["alpha"].clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
         strip = np.concatenate([truth, rendered, np.repeat(alpha[..., None], 3, -1)], axis=1)
         cv2.imwrite(str(Path(out_dir) / f"preview_{i:04d}.png"), strip[..., ::-1])
+
+
+def quality_report(
+    field, capture: Capture, eval_max_frames: int, eval_train_frames: int, previews: bool, out_dir: Path,
+) -> dict[str, float | int | None]:
+    """The held-out figures every backend reports (metrics.json ``extra``): object PSNR (composited
+    and on black), SSIM and mask IoU of the held-out frames (at most ``eval_max_frames``, 0 = all),
+    the PSNR and SSIM of ``eval_train_frames`` training frames spread over the orbit (over-fitting
+    shows as a gap), and the frame counts; ``previews`` writes up to four held-out strips."""
+    limit = eval_max_frames or None
+    holdout_ids = capture.holdout_ids[:limit]
+    holdout = evaluate_frames(field, capture, holdout_ids)
+    spread = capture.train_ids[:: max(1, len(capture.train_ids) // max(1, eval_train_frames))][:eval_train_frames]
+    train_eval = evaluate_frames(field, capture, spread)
+    if previews:
+        save_previews(field, capture, holdout_ids[:4], out_dir)
+    return {
+        "psnr_holdout_object": holdout["psnr_object"],
+        "psnr_holdout_object_on_black": holdout["psnr_object_on_black"],
+        "psnr_train_object": train_eval["psnr_object"],
+        "ssim_holdout_object": holdout["ssim_object"],
+        "ssim_train_object": train_eval["ssim_object"],
+        "mask_iou_holdout": holdout["mask_iou"],
+        "holdout_frames": len(holdout_ids),
+        "train_frames": len(capture.train_ids),
+    }

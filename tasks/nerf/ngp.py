@@ -28,7 +28,7 @@ from tasks.nerf.base import TrainReport, register_backend
 from tasks.nerf.camera_opt import REFINED_TRANSFORMS, CameraCorrections, rotation_degrees, write_refined_transforms
 from tasks.nerf.dataset import aabb_pixel_rects, load_capture, load_hull
 from tasks.nerf.depth_prior import line_of_sight_loss, load_sparse_depth
-from tasks.nerf.evaluate import evaluate_frames, save_previews
+from tasks.nerf.evaluate import quality_report
 from tasks.nerf.field import NgpModel, NgpRadianceField, make_sampler, render_rays
 from tasks.nerf.occupancy import OccupancyGrid
 from tasks.nerf.packed import PackedSamples, distortion_loss
@@ -288,26 +288,14 @@ def _train(
         write_refined_transforms(transforms, capture.names, capture.c2w, out_dir / REFINED_TRANSFORMS)
     save_checkpoint(out_dir, model, occupancy, s)
     field = NgpRadianceField(model, sampler, s.render_chunk, s.early_stop_eps)
-    limit = s.eval_max_frames or None
-    holdout = evaluate_frames(field, capture, capture.holdout_ids[:limit])
-    spread = capture.train_ids[:: max(1, len(capture.train_ids) // max(1, s.eval_train_frames))][: s.eval_train_frames]
-    train_eval = evaluate_frames(field, capture, spread)
-    if s.save_previews:
-        save_previews(field, capture, capture.holdout_ids[:limit][:4], out_dir)
+    quality = quality_report(field, capture, s.eval_max_frames, s.eval_train_frames, s.save_previews, out_dir)
     return TrainReport(
         steps=s.steps,
         seconds=train_seconds,
         peak_memory_mb=_peak_memory_mb(device),
         device=str(device),
         extra={
-            "psnr_holdout_object": holdout["psnr_object"],
-            "psnr_holdout_object_on_black": holdout["psnr_object_on_black"],
-            "psnr_train_object": train_eval["psnr_object"],
-            "ssim_holdout_object": holdout["ssim_object"],
-            "ssim_train_object": train_eval["ssim_object"],
-            "mask_iou_holdout": holdout["mask_iou"],
-            "holdout_frames": len(capture.holdout_ids[:limit]),
-            "train_frames": len(capture.train_ids),
+            **quality,
             "occupied_fraction": occupancy.occupied_fraction,
             "depth_prior_observations": 0 if sparse is None else len(sparse),
             "depth_prior_steps": prior_steps,

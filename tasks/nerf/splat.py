@@ -30,7 +30,7 @@ from torch import Tensor
 
 from tasks.nerf.base import TrainReport, register_backend
 from tasks.nerf.dataset import Capture, load_capture, load_hull
-from tasks.nerf.evaluate import evaluate_frames, save_previews, ssim_map
+from tasks.nerf.evaluate import quality_report, ssim_map
 from tasks.nerf.external import split_settings, warn_ignored
 from tasks.nerf.ngp import _peak_memory_mb, choose_device, padded_aabb
 from tasks.nerf.rays import camera_to_pixels
@@ -323,23 +323,11 @@ def _train(
     train_seconds = time.perf_counter() - started
     save_checkpoint(out_dir, params, aabb, s)
     field = SplatRadianceField(activated(params), aabb, s.sh_degree, engine, s.field_grid_resolution, s.render_rows, s.dense_max_pairs)
-    limit = s.eval_max_frames or None
-    holdout = evaluate_frames(field, capture, capture.holdout_ids[:limit])
-    spread = capture.train_ids[:: max(1, len(capture.train_ids) // max(1, s.eval_train_frames))][: s.eval_train_frames]
-    train_eval = evaluate_frames(field, capture, spread)
-    if s.save_previews:
-        save_previews(field, capture, capture.holdout_ids[:limit][:4], out_dir)
+    quality = quality_report(field, capture, s.eval_max_frames, s.eval_train_frames, s.save_previews, out_dir)
     return TrainReport(
         steps=s.iterations, seconds=train_seconds, peak_memory_mb=_peak_memory_mb(device), device=str(device),
         extra={
-            "psnr_holdout_object": holdout["psnr_object"],
-            "psnr_holdout_object_on_black": holdout["psnr_object_on_black"],
-            "psnr_train_object": train_eval["psnr_object"],
-            "ssim_holdout_object": holdout["ssim_object"],
-            "ssim_train_object": train_eval["ssim_object"],
-            "mask_iou_holdout": holdout["mask_iou"],
-            "holdout_frames": len(capture.holdout_ids[:limit]),
-            "train_frames": len(capture.train_ids),
+            **quality,
             "surfels": len(params["means"]),
             "rasterizer": engine,
             "eval_seconds": time.perf_counter() - started - train_seconds,
