@@ -7,6 +7,8 @@ stage can query. Coordinates are the normalised world of ``transforms.json`` (+Z
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -43,6 +45,24 @@ class RadianceField(Protocol):
         counting only samples at least ``solid_alpha`` opaque on their own, as if a thinner haze in
         front of the surface were not there. Opaque renderers (a mesh) may ignore both.
         """
+
+
+def write_checkpoint(path: Path, fmt: str, settings: Any, payload: dict[str, Any]) -> None:
+    """``path`` (a torch file) holds ``payload``, the format tag and the settings dataclass;
+    ``settings.json`` beside it is for people."""
+    torch.save({"format": fmt, "settings": dataclasses.asdict(settings), **payload}, path)
+    (path.parent / "settings.json").write_text(json.dumps(dataclasses.asdict(settings), indent=2))
+
+
+def read_checkpoint(path: Path, fmt: str, what: str) -> dict[str, Any]:
+    """The state :func:`write_checkpoint` wrote, on the CPU; clear errors when it is missing
+    (train first) or of another format."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} checkpoint at {path}; train the field first (train stage)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format") != fmt:
+        raise ValueError(f"{path} is not a {fmt} checkpoint (format={state.get('format')!r})")
+    return state
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,6 @@ Checkpoint folder: ``field.pt`` (weights, occupancy grid, aabb, settings) and
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import resource
 import time
@@ -24,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from tasks.nerf.base import TrainReport, register_backend
+from tasks.nerf.base import TrainReport, read_checkpoint, register_backend, write_checkpoint
 from tasks.nerf.camera_opt import REFINED_TRANSFORMS, CameraCorrections, rotation_degrees, write_refined_transforms
 from tasks.nerf.dataset import aabb_pixel_rects, load_capture, load_hull
 from tasks.nerf.depth_prior import line_of_sight_loss, load_sparse_depth
@@ -308,25 +306,14 @@ def _train(
 
 def save_checkpoint(out_dir: Path, model: NgpModel, occupancy: OccupancyGrid, s: NgpSettings) -> None:
     """``field.pt`` holds everything :func:`load_ngp` needs; ``settings.json`` is for people."""
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "settings": dataclasses.asdict(s),
-        "aabb": model.aabb.cpu(),
-        "model": {k: v.cpu() for k, v in model.state_dict().items()},
-        "occupancy": occupancy.state_dict(),
-    }
-    torch.save(state, out_dir / "field.pt")
-    (out_dir / "settings.json").write_text(json.dumps(dataclasses.asdict(s), indent=2))
+    payload = {"aabb": model.aabb.cpu(), "model": {k: v.cpu() for k, v in model.state_dict().items()},
+               "occupancy": occupancy.state_dict()}
+    write_checkpoint(out_dir / "field.pt", CHECKPOINT_FORMAT, s, payload)
 
 
 def load_ngp(out_dir: Path, device: str | torch.device = "cpu") -> NgpRadianceField:
     """Load ``out_dir/field.pt`` as a :class:`RadianceField` on ``device`` ("auto" allowed)."""
-    path = Path(out_dir) / "field.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"no ngp checkpoint at {path}; train the field first (train stage)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint (format={state.get('format')!r})")
+    state = read_checkpoint(Path(out_dir) / "field.pt", CHECKPOINT_FORMAT, "ngp")
     device = choose_device(device) if isinstance(device, str) else torch.device(device)
     s = settings_from_dict(state["settings"], NgpSettings)
     aabb = state["aabb"].to(device)

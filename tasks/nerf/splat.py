@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tasks.nerf.base import TrainReport, register_backend
+from tasks.nerf.base import TrainReport, read_checkpoint, register_backend, write_checkpoint
 from tasks.nerf.dataset import Capture, load_capture, load_hull
 from tasks.nerf.evaluate import quality_report, ssim_map
 from tasks.nerf.external import split_settings, warn_ignored
@@ -338,24 +338,13 @@ def _train(
 
 def save_checkpoint(out_dir: Path, params: torch.nn.ParameterDict, aabb: Tensor, s: SplatSettings) -> None:
     """``surfels.pt`` holds everything :func:`load_splat` needs; ``settings.json`` is for people."""
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "settings": dataclasses.asdict(s),
-        "aabb": aabb.cpu(),
-        "params": {k: v.detach().cpu() for k, v in params.items()},
-    }
-    torch.save(state, out_dir / "surfels.pt")
-    (out_dir / "settings.json").write_text(json.dumps(dataclasses.asdict(s), indent=2))
+    params = {k: v.detach().cpu() for k, v in params.items()}
+    write_checkpoint(out_dir / "surfels.pt", CHECKPOINT_FORMAT, s, {"aabb": aabb.cpu(), "params": params})
 
 
 def load_splat(out_dir: Path, device: str | torch.device = "cpu") -> SplatRadianceField:
     """Load ``out_dir/surfels.pt`` as a :class:`RadianceField` on ``device`` ("auto" allowed)."""
-    path = Path(out_dir) / "surfels.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"no splat checkpoint at {path}; train the surfels first (train stage)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint (format={state.get('format')!r})")
+    state = read_checkpoint(Path(out_dir) / "surfels.pt", CHECKPOINT_FORMAT, "splat")
     device = choose_device(device) if isinstance(device, str) else torch.device(device)
     s = settings_from_dict(state["settings"], SplatSettings)
     # A GPU-trained cloud still loads on the CPU: only the rasteriser changes.
