@@ -238,7 +238,9 @@ def _train(
     try:
         from gsplat.strategy import DefaultStrategy
     except ImportError as exc:
-        raise RuntimeError("nerf=splat needs gsplat to grow and prune its surfels: pip install 'korokoro[splat]' (gsplat==1.5.3)") from exc
+        raise RuntimeError(
+            "nerf=splat needs gsplat to grow and prune its surfels: pip install 'korokoro[splat]' (gsplat==1.5.3)"
+        ) from exc
 
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(s.seed)
@@ -256,7 +258,8 @@ def _train(
             f"nerf.init_from=points but {transforms} names no sparse points (point_views) to seed from; "
             "rerun the colmap stage, or use nerf.init_from=hull"
         )
-    params = torch.nn.ParameterDict({k: torch.nn.Parameter(v) for k, v in seed_surfels(capture, hull_box, s, generator, points).items()})
+    seeds = seed_surfels(capture, hull_box, s, generator, points)
+    params = torch.nn.ParameterDict({k: torch.nn.Parameter(v) for k, v in seeds.items()})
     height, width = capture.masks.shape[1:]
     if engine == "torch":
         check_dense_size(len(params["means"]), width, height, s)
@@ -322,7 +325,7 @@ def _train(
         torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - started
     save_checkpoint(out_dir, params, aabb, s)
-    field = SplatRadianceField(activated(params), aabb, s.sh_degree, engine, s.field_grid_resolution, s.render_rows, s.dense_max_pairs)
+    field = make_field(params, aabb, s, engine)
     quality = quality_report(field, capture, s.eval_max_frames, s.eval_train_frames, s.save_previews, out_dir)
     return TrainReport(
         steps=s.iterations, seconds=train_seconds, peak_memory_mb=_peak_memory_mb(device), device=str(device),
@@ -350,7 +353,15 @@ def load_splat(out_dir: Path, device: str | torch.device = "cpu") -> SplatRadian
     # A GPU-trained cloud still loads on the CPU: only the rasteriser changes.
     engine = choose_rasterizer("auto" if s.rasterizer == "gsplat" else s.rasterizer, device)
     params = {k: v.to(device) for k, v in state["params"].items()}
-    return SplatRadianceField(activated(params), state["aabb"].to(device), s.sh_degree, engine, s.field_grid_resolution, s.render_rows, s.dense_max_pairs)
+    return make_field(params, state["aabb"].to(device), s, engine)
+
+
+def make_field(
+    params: dict[str, Tensor] | torch.nn.ParameterDict, aabb: Tensor, s: SplatSettings, engine: str,
+) -> SplatRadianceField:
+    """The trained parameters as the field the evaluation and the mesh stage read."""
+    return SplatRadianceField(activated(params), aabb, s.sh_degree, engine, s.field_grid_resolution, s.render_rows,
+                              s.dense_max_pairs)
 
 
 @register_backend("splat")

@@ -82,7 +82,8 @@ def surfel_colors(surfels: Surfels, camera_origin: Tensor, degree: int) -> Tenso
 def ray_distance_scale(intrinsics: Tensor, width: int, height: int) -> Tensor:
     """Per pixel, distance along the ray per unit of camera z: ``|K⁻¹ (u, v, 1)|`` → ``[H, W]``."""
     fx, fy, cx, cy = intrinsics.tolist()
-    v, u = torch.meshgrid(torch.arange(height, device=intrinsics.device), torch.arange(width, device=intrinsics.device), indexing="ij")
+    device = intrinsics.device
+    v, u = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
     x, y = (u + 0.5 - cx) / fx, (v + 0.5 - cy) / fy
     return torch.sqrt(1.0 + x * x + y * y)
 
@@ -157,6 +158,7 @@ def _rasterize_dense(
     surfels: Surfels, c2w: Tensor, intrinsics: Tensor, width: int, height: int, sh_degree: int,
     background: Tensor | None, near: float,
 ) -> dict[str, Tensor]:
+    """:func:`rasterize` with every surfel against every pixel: ``[P, N]`` tensors throughout."""
     viewmat = view_matrix(c2w)
     means = surfels.means @ viewmat[:3, :3].T + viewmat[:3, 3]  # [N, 3] OpenCV camera
     order = torch.argsort(means[:, 2])
@@ -204,8 +206,10 @@ def _rasterize_dense(
     if background is not None:
         rgb = rgb + (1.0 - opacity)[:, None] * background
     depth_sum = weights @ means[:, 2]
-    seen_before = torch.cumsum(weights, 1) - weights  # 1 - T before each surfel
-    distortion = 2.0 * (weights * (means[:, 2] * seen_before - (torch.cumsum(weights * means[:, 2], 1) - weights * means[:, 2]))).sum(1)
+    # mip-NeRF 360's distortion as gsplat accumulates it: 2 Σ_i w_i (z_i Σ_{j<i} w_j - Σ_{j<i} w_j z_j).
+    weight_before = torch.cumsum(weights, 1) - weights
+    weighted_depth_before = torch.cumsum(weights * means[:, 2], 1) - weights * means[:, 2]
+    distortion = 2.0 * (weights * (means[:, 2] * weight_before - weighted_depth_before)).sum(1)
     crossing = (transmittance > 0.5) & (alpha > 0)
     last = torch.where(crossing, torch.arange(alpha.shape[1], device=alpha.device), -1).amax(1)
     median = torch.where(last >= 0, means[:, 2][last.clamp(min=0)], torch.zeros_like(opacity))
