@@ -70,12 +70,12 @@ def test_a_disc_facing_the_camera_projects_to_its_size_depth_and_normal():
 def test_nearer_disc_hides_farther_and_sets_the_median():
     near, far = one_surfel(0.9, at=(0.0, 0.0, 0.5)), one_surfel(0.9, at=(0.0, 0.0, 0.0))
     both = Surfels(*[torch.cat([getattr(far, k), getattr(near, k)]) for k in ("means", "quats", "scales", "opacities", "sh")])
-    out = rasterize(both, camera_above(), K, 64, 48, sh_degree=0)
+    out = {k: v.detach() for k, v in rasterize(both, camera_above(), K, 64, 48, sh_degree=0).items()}
     # Camera z 1.5 (near) and 2.0 (far); the near one covers 0.9 of the centre.
     assert float(out["median"][24, 32]) == pytest.approx(1.5)
     alpha = float(out["alpha"][24, 32])
-    a_near = float(rasterize(near, camera_above(), K, 64, 48, 0)["alpha"][24, 32])
-    a_far = float(rasterize(far, camera_above(), K, 64, 48, 0)["alpha"][24, 32])
+    a_near = float(rasterize(near, camera_above(), K, 64, 48, 0)["alpha"][24, 32].detach())
+    a_far = float(rasterize(far, camera_above(), K, 64, 48, 0)["alpha"][24, 32].detach())
     assert alpha == pytest.approx(1 - (1 - a_near) * (1 - a_far), rel=1e-5)
     assert float(out["depth"][24, 32]) == pytest.approx((a_near * 1.5 + (1 - a_near) * a_far * 2.0) / alpha, rel=1e-5)
 
