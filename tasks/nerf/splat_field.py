@@ -45,7 +45,7 @@ class SplatRadianceField:
         self.grid_resolution = grid_resolution
         self.render_rows = render_rows
         self.dense_max_pairs = dense_max_pairs
-        self._grid: tuple[Tensor, Tensor] | None = None
+        self._grid: Tensor | None = None
 
     @property
     def device(self) -> torch.device:
@@ -79,8 +79,9 @@ class SplatRadianceField:
         return {"rgb": image["rgb"], "alpha": image["alpha"], "depth": image["depth"] * scale,
                 "depth_surface": image["median"] * scale}
 
-    def _grids(self) -> tuple[Tensor, Tensor]:
-        """``[R, R, R]`` opacity mass and ``[R, R, R, 3]`` mass-weighted colour over the box, built once.
+    def _painted(self) -> Tensor:
+        """``[1, 4, R, R, R]`` over the box, built once: mass-weighted colour (channels 0-2) and
+        opacity mass (channel 3), laid out as ``grid_sample`` reads them (grid axes x, y, z).
 
         Each surfel leaves its opacity at its centre and at one standard deviation along both
         tangents (a plus sign of five points, 0.4 / 0.15 × 4 of it), spread over the eight
@@ -109,26 +110,24 @@ class SplatRadianceField:
                 flat = (idx[ok, 0] * r + idx[ok, 1]) * r + idx[ok, 2]
                 density.index_add_(0, flat, weight[ok])
                 paint.index_add_(0, flat, weight[ok, None] * colour[ok])
-            self._grid = density.reshape(r, r, r), paint.reshape(r, r, r, 3)
+            self._grid = torch.cat([paint, density[:, None]], 1).T.reshape(1, 4, r, r, r).contiguous()
         return self._grid
 
-    def _lookup(self, grid: Tensor, points: Tensor) -> Tensor:
-        """Trilinear values of ``grid [R, R, R, C]`` at points ``[P, 3]`` → ``[P, C]`` (0 outside the box)."""
+    def _lookup(self, points: Tensor) -> Tensor:
+        """Trilinear values of the painted grid at points ``[P, 3]`` → ``[P, 4]`` (0 outside the box)."""
         unit = (points.to(self.device) - self.aabb[0]) / (self.aabb[1] - self.aabb[0]) * 2 - 1  # [-1, 1], x first
         # grid_sample's last coordinate indexes the first grid axis: hand it (z, y, x).
-        sampled = F.grid_sample(grid.permute(3, 0, 1, 2)[None], unit.flip(-1)[None, :, None, None], align_corners=True)
+        sampled = F.grid_sample(self._painted(), unit.flip(-1)[None, :, None, None], align_corners=True)
         return sampled[0, :, :, 0, 0].T
 
     @torch.no_grad()
     def density(self, points: Tensor) -> Tensor:
         """points ``[N, 3]`` → density ``[N]``: the surfels' opacity per voxel, as an optical depth of 2 per voxel."""
-        mass, _ = self._grids()
         voxel = float((self.aabb[1] - self.aabb[0]).max()) / (self.grid_resolution - 1)
-        return (self._lookup(mass[..., None], points)[:, 0] * 2.0 / voxel).to(points)
+        return (self._lookup(points)[:, 3] * 2.0 / voxel).to(points)
 
     @torch.no_grad()
     def color(self, points: Tensor, directions: Tensor) -> Tensor:
         """RGB ``[N, 3]``: the nearby surfels' colours (view-averaged), weighted by their opacity there."""
-        mass, paint = self._grids()
-        values = self._lookup(torch.cat([paint, mass[..., None]], -1), points)
+        values = self._lookup(points)
         return (values[:, :3] / values[:, 3:].clamp(min=1e-8)).clamp(0, 1).to(points)
