@@ -46,6 +46,27 @@ class SparseDepth:
         return self.origins[rows], self.directions[rows], self.depth[rows]
 
 
+def read_point_views(transforms: Path) -> dict[str, np.ndarray] | None:
+    """The sparse points file ``transforms.json`` names (``point_views.npz``: ``xyz``, ``error``,
+    ``view_point``, ``view_frame``, ``frame_names``); None when it names none (cameras made
+    elsewhere), an error naming the fix when the named file is missing."""
+    meta = json.loads(Path(transforms).read_text()).get("korokoro", {})
+    if "point_views" not in meta:
+        return None
+    path = Path(transforms).parent / meta["point_views"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{transforms} names sparse points {path}, which are missing: rerun the colmap stage")
+    with np.load(path) as data:
+        return dict(data)
+
+
+def reliable_points(data: dict[str, np.ndarray], max_error_px: float, min_views: int) -> np.ndarray:
+    """Per sparse point ``[P]`` bool: seen by at least ``min_views`` frames, with a mean
+    reprojection error of at most ``max_error_px``."""
+    views = np.bincount(data["view_point"].astype(np.int64), minlength=len(data["xyz"]))
+    return (data["error"] <= max_error_px) & (views >= min_views)
+
+
 def load_sparse_depth(transforms: Path, capture: Capture, frame_ids: list[int], max_error_px: float, min_views: int) -> SparseDepth | None:
     """The observations of ``transforms``' sparse points by the capture's frames ``frame_ids``.
 
@@ -54,19 +75,14 @@ def load_sparse_depth(transforms: Path, capture: Capture, frame_ids: list[int], 
     background feature says nothing about the product). ``None`` when the transforms name no
     ``point_views`` file (cameras made elsewhere) or nothing is left.
     """
-    meta = json.loads(Path(transforms).read_text()).get("korokoro", {})
-    if "point_views" not in meta:
+    data = read_point_views(transforms)
+    if data is None:
         return None
-    path = Path(transforms).parent / meta["point_views"]
-    if not path.is_file():
-        raise FileNotFoundError(f"{transforms} names sparse points {path}, which are missing: rerun the colmap stage")
-    data = np.load(path)
     by_name = {Path(name).name: i for i, name in enumerate(capture.names)}
     frame_of = np.array([by_name.get(str(name), -1) for name in data["frame_names"]], np.int64)
     view_frame = frame_of[data["view_frame"]] if len(frame_of) else np.zeros(0, np.int64)
     point = data["view_point"].astype(np.int64)
-    views_per_point = np.bincount(point, minlength=len(data["xyz"]))
-    keep = np.isin(view_frame, np.asarray(frame_ids)) & (data["error"][point] <= max_error_px) & (views_per_point[point] >= min_views)
+    keep = np.isin(view_frame, np.asarray(frame_ids)) & reliable_points(data, max_error_px, min_views)[point]
     if not keep.any():
         return None
     device = capture.c2w.device

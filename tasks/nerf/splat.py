@@ -10,13 +10,13 @@ supervision over a random background colour each step (only the product is learn
 surfels seeded inside the masks' visual hull, gsplat's ``DefaultStrategy`` to grow and prune
 them. Rendering runs gsplat's CUDA kernels (``rasterizer: gsplat``) or a dense plain-PyTorch
 version for CPU tests (tasks/nerf/surfels.py). The field it loads as renders depth for the
-fusion mesh; density and colour at points come from the nearest surfels (tasks/nerf/splat_field.py).
+fusion mesh; density and colour at points come from a voxel grid the surfels are painted into
+(tasks/nerf/splat_field.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -30,6 +30,7 @@ from torch import Tensor
 
 from tasks.nerf.base import TrainReport, read_checkpoint, register_backend, write_checkpoint
 from tasks.nerf.dataset import Capture, load_capture, load_hull
+from tasks.nerf.depth_prior import read_point_views, reliable_points
 from tasks.nerf.evaluate import quality_report, ssim_map
 from tasks.nerf.external import split_settings, warn_ignored
 from tasks.nerf.ngp import _peak_memory_mb, choose_device, padded_aabb
@@ -123,13 +124,10 @@ def check_dense_size(surfels: int, width: int, height: int, s: SplatSettings) ->
 def sparse_points(transforms: Path, max_error_px: float, min_views: int) -> Tensor | None:
     """The camera solve's sparse points ``[M, 3]`` seen by ``min_views`` frames within
     ``max_error_px`` (``point_views.npz``, named by transforms.json); None when there are none."""
-    meta = json.loads(Path(transforms).read_text()).get("korokoro", {})
-    path = Path(transforms).parent / str(meta.get("point_views", ""))
-    if "point_views" not in meta or not path.is_file():
+    data = read_point_views(transforms)
+    if data is None:
         return None
-    data = np.load(path)
-    views = np.bincount(data["view_point"].astype(np.int64), minlength=len(data["xyz"]))
-    keep = (data["error"] <= max_error_px) & (views >= min_views)
+    keep = reliable_points(data, max_error_px, min_views)
     return torch.from_numpy(data["xyz"][keep]).float() if keep.any() else None
 
 
