@@ -42,6 +42,7 @@ class FusionSettings:
     views: int = 64
     long_side: int = 384
     truncation_voxels: float = 4.0
+    behind_voxels: float | None = None
     min_alpha: float = 0.5
     surface_opacity: float = 0.3
     solid_alpha: float = 0.0
@@ -54,6 +55,7 @@ class FusionSettings:
     def __post_init__(self) -> None:
         checks = {
             "views": self.views >= 1, "long_side": self.long_side >= 16, "truncation_voxels": self.truncation_voxels > 0,
+            "behind_voxels": self.behind_voxels is None or 0 < self.behind_voxels <= self.truncation_voxels,
             "min_alpha": 0 < self.min_alpha < 1,
             "surface_opacity": 0 < self.surface_opacity < 1, "solid_alpha": 0 <= self.solid_alpha < 1,
             "carve_fraction": 0 <= self.carve_fraction < 1,
@@ -64,7 +66,7 @@ class FusionSettings:
         if bad:
             raise ValueError(
                 "mesh.fusion: " + ", ".join(f"{key}={getattr(self, key)!r}" for key in bad) + " out of range "
-                "(views ≥ 1, long_side ≥ 16, truncation_voxels > 0, min_alpha and surface_opacity in (0, 1), solid_alpha and fractions in [0, 1), "
+                "(views ≥ 1, long_side ≥ 16, truncation_voxels > 0, behind_voxels in (0, truncation_voxels] or null, min_alpha and surface_opacity in (0, 1), solid_alpha and fractions in [0, 1), "
                 "base_percentile in [0, 100), base_thickness_voxels ≥ 0)"
             )
 
@@ -168,6 +170,10 @@ def fuse_depth(
     axes = [torch.linspace(float(box[0, k]), float(box[1, k]), resolution, device=dev) for k in range(3)]
     voxel = float(np.max((box[1] - box[0]) / max(resolution - 1, 1)))
     trunc = settings.truncation_voxels * voxel
+    # A view writes free space up to trunc in front of its surface but solid only this far behind
+    # it: a wall thinner than two truncations (a basket's) is seen from both sides, and a full
+    # band behind each side would cancel the other side's surface.
+    behind = (settings.behind_voxels if settings.behind_voxels is not None else settings.truncation_voxels) * voxel
     grid = _Accumulator(resolution**3, dev)
     heights: list[Tensor] = []
     # One x-slab of voxel centres at a time keeps memory at a few hundred MB for 384³ grids.
@@ -188,12 +194,12 @@ def fuse_depth(
         for start in range(0, resolution, slab):
             xs = axes[0][start : start + slab]
             pts = torch.cat([xs.repeat_interleave(len(yz))[:, None], yz.repeat(len(xs), 1)], 1)
-            grid.add(slice(start * len(yz), start * len(yz) + len(pts)), projected, pts, trunc)
+            grid.add(slice(start * len(yz), start * len(yz) + len(pts)), projected, pts, trunc, behind)
     if used == 0:
         raise ValueError(f"no mask of {transforms} shows the product: rerun the segment stage")
     tsdf, observed = grid.result(trunc, settings.carve_fraction)
     tsdf, observed = tsdf.reshape((resolution,) * 3), observed.reshape((resolution,) * 3)
-    record: dict[str, Any] = {"views": used, "truncation": trunc, "voxel": voxel,
+    record: dict[str, Any] = {"views": used, "truncation": trunc, "behind": behind, "voxel": voxel,
                               "unobserved_fraction": float((~observed).float().mean())}
     seen_z = torch.cat(heights)
     if settings.close_base and len(seen_z):
@@ -234,8 +240,9 @@ class _Accumulator:
         self.carve_votes = torch.zeros(n, device=device)
         self.in_view = torch.zeros(n, device=device)
 
-    def add(self, rows: slice, view: _View, points: Tensor, trunc: float) -> None:
-        """Project ``points [M, 3]`` (the voxels ``rows``) into ``view`` and count what it says."""
+    def add(self, rows: slice, view: _View, points: Tensor, trunc: float, behind: float) -> None:
+        """Project ``points [M, 3]`` (the voxels ``rows``) into ``view`` and count what it says:
+        signed distances from ``trunc`` in front of its surface to ``behind`` behind it."""
         cam = points @ view.w2c[:3, :3].T + view.w2c[:3, 3]
         u_full, v_full, z = camera_to_pixels(cam, view.intrinsics)
         (w, h), (x0, y0, scale) = view.source.size, view.source.crop
@@ -248,7 +255,7 @@ class _Accumulator:
         on_product = view.mask[vc, uc] & in_crop
         # Depth is distance along the ray: compare it with the voxel's distance from the camera.
         observed = view.depth[vc, uc] - cam.norm(dim=-1)
-        has_depth = on_product & torch.isfinite(observed) & (observed > -trunc)
+        has_depth = on_product & torch.isfinite(observed) & (observed > -behind)
         self.sdf_sum[rows] += torch.where(has_depth, observed.clamp(max=trunc), torch.zeros_like(z))
         self.weight[rows] += has_depth.float()
         # In the image but off the mask (the crop holds all of the mask): the ray is empty there.

@@ -153,3 +153,51 @@ def test_fusion_settings_are_checked():
     with pytest.raises(ValueError, match=r"mesh.fusion: views=0"):
         MeshSettings(fusion={"views": 0})
     assert MeshSettings(fusion={"views": 8}).fusion == FusionSettings(views=8)  # Hydra hands a mapping
+
+
+class _Slab:
+    """An opaque slab ``|x| <= half`` filling every view: the depth of the face a camera looks at."""
+
+    def __init__(self, half: float) -> None:
+        self.half = half
+
+    def render(self, c2w, intrinsics, width, height, surface_opacity=0.5, solid_alpha=0.0):  # noqa: ANN001
+        fx, fy, cx, cy = (float(v) for v in intrinsics)
+        v, u = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
+        dirs = torch.stack([(u - cx) / fx, -(v - cy) / fy, -torch.ones_like(u)], -1) @ c2w[:3, :3].T
+        dirs = dirs / dirs.norm(dim=-1, keepdim=True)
+        eye_x = float(c2w[0, 3])
+        depth = (abs(eye_x) - self.half) / (dirs[..., 0] * -np.sign(eye_x))
+        return {"alpha": torch.ones(height, width), "depth": depth.float()}
+
+
+def _slab_faces(tmp_path, half: float, **fusion) -> tuple[float, float]:
+    """Where the fused signed distance of the slab seen from +x and -x changes sign along the x axis."""
+    from tasks.mesh_fusion import fuse_depth
+    from tests.analytic_field import look_at
+
+    size, focal, frames = 32, 38.4, []
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    for k, eye in enumerate(([3.0, 0, 0], [-3.0, 0, 0])):
+        cv2.imwrite(str(tmp_path / f"mask_{k}.png"), np.full((size, size), 255, np.uint8))
+        frames.append({"file_path": f"f{k}.png", "mask_path": f"mask_{k}.png", "transform_matrix": look_at(np.array(eye), np.zeros(3)).tolist()})
+    transforms = tmp_path / "transforms.json"
+    transforms.write_text(json.dumps({"fl_x": focal, "fl_y": focal, "cx": size / 2, "cy": size / 2, "w": size, "h": size, "frames": frames}))
+    box = np.array([[-0.5, -0.5, -0.5], [0.5, 0.5, 0.5]])
+    settings = FusionSettings(views=2, long_side=32, close_base=False, **fusion)
+    tsdf, record = fuse_depth(_Slab(half), box, 41, transforms, settings)  # voxel 0.025
+    line, xs = tsdf[:, 20, 20], np.linspace(-0.5, 0.5, 41)
+    inside = np.flatnonzero(line < 0)
+    return float(xs[inside[0]]), float(xs[inside[-1]])
+
+
+def test_a_thin_wall_seen_from_both_sides_keeps_both_faces(tmp_path):
+    """A wall 0.1 thick, truncation 0.2: each side's full band behind its face reaches past the
+    other face and thickens the wall there (a basket's woven side, seen from outside and through
+    its opening). Writing only one voxel behind each face keeps both faces in place."""
+    lo, hi = _slab_faces(tmp_path / "symmetric", half=0.05, truncation_voxels=8.0)
+    assert hi - lo > 0.2
+    lo, hi = _slab_faces(tmp_path / "behind", half=0.05, truncation_voxels=8.0, behind_voxels=1.0)
+    assert lo == pytest.approx(-0.05, abs=0.026) and hi == pytest.approx(0.05, abs=0.026)
+    with pytest.raises(ValueError, match="behind_voxels=9.0"):
+        FusionSettings(truncation_voxels=8.0, behind_voxels=9.0)
