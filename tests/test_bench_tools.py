@@ -247,3 +247,28 @@ def test_geometry_quality_splits_recall_of_an_open_products_inside(tmp_path):
     assert figures["inward_fraction"] == pytest.approx(2.52 / 9.5, abs=0.02)
     assert figures["recall_1pct_icp_inward"] == pytest.approx(0.0, abs=0.01)
     assert figures["recall_1pct_icp"] == pytest.approx(6.0 / 9.5, abs=0.02)  # only the outside is found
+
+
+def test_visibility_bound_of_a_cube_filmed_from_above():
+    """A unit cube on an orbit 30° above it: the bottom (1/6 of the surface) is never seen, so a
+    perfect reconstruction of what is seen recalls about 5/6 (plus the bottom's 1 % rim next to
+    the seen sides); an orbit below as well sees it all."""
+    pytest.importorskip("pyrender")
+    from bench.visibility import visibility_bound
+    from tests.analytic_field import look_at
+    from tests.truth import TruthCameras
+
+    cube = trimesh.creation.box(extents=(1.0, 1.0, 1.0))
+
+    def orbit(heights):
+        eyes = [[4 * np.cos(a), 4 * np.sin(a), z] for z in heights for a in np.linspace(0, 2 * np.pi, 8, endpoint=False)]
+        return TruthCameras(np.array([look_at(np.array(e), np.zeros(3)) for e in eyes]), 80.0, 80.0, 48.0, 48.0, 96, 96, {})
+
+    above = visibility_bound(cube, orbit([2.3]), scale=1.0, samples=20_000)
+    assert above["seen_fraction"] == pytest.approx(5 / 6, abs=0.01)
+    assert above["seen_fraction_underside"] == 0.0
+    assert 5 / 6 < above["recall_bound"] < 5 / 6 + 0.03
+    assert above["fscore_bound"] == pytest.approx(2 * above["recall_bound"] / (1 + above["recall_bound"]))
+    assert above["fscore_bound_with_underside"] > 0.995
+    both = visibility_bound(cube, orbit([2.3, -2.3]), scale=1.0, samples=20_000)
+    assert both["seen_fraction_2views"] > 0.99 and both["fscore_bound"] > 0.995
