@@ -1,7 +1,7 @@
 """What any method could recover from a turntable's cameras: the share of the true surface some
 camera sees, and the F-score @ 1 % of a perfect reconstruction of exactly that share.
 
-    PYOPENGL_PLATFORM=osmesa python -m bench.visibility --turntable .benchdata/basket1080
+    PYOPENGL_PLATFORM=osmesa python -m bench.visibility --turntable .benchdata/basket1080 [--figure seen.png]
 
 The true mesh is rendered (pyrender, exact depth) from every true camera at ``--scale`` of the
 frames' size; a surface sample counts as seen by a camera when it faces it, lands in its image
@@ -10,7 +10,9 @@ behind the rendered depth there. A reconstruction that has every seen sample and
 recalls the true samples within 1 % of a seen one (``recall_bound``) at precision 1, so its
 F-score is ``2 R / (1 + R)``. No mesh method that does not guess unseen surfaces can pass that
 bound; ``..._2views`` counts only samples seen twice, as triangulation needs, and ``..._with_underside``
-adds every downward face, which a closed base mostly recovers. Needs pyrender (the
+adds every downward face, which a closed base mostly recovers. ``--figure`` draws the true mesh
+coloured by how many cameras see it (red none, yellow one or two, green more), from the side
+and from above. Needs pyrender (the
 ``render`` extra) and an OpenGL context (``PYOPENGL_PLATFORM=osmesa`` headless).
 """
 
@@ -25,6 +27,8 @@ import numpy as np
 import trimesh
 from scipy.spatial import cKDTree
 
+from tasks.mesh_export import Z_UP_TO_Y_UP
+from tasks.mesh_preview import _orbit_poses, _render_pyrender
 from tests.truth import TruthCameras, load_truth_cameras
 
 
@@ -84,15 +88,39 @@ def visibility_bound(mesh: trimesh.Trimesh, cameras: TruthCameras, scale: float 
     return figures
 
 
+def visibility_figure(mesh: trimesh.Trimesh, cameras: TruthCameras, out: Path, scale: float = 0.25,
+                      tolerance: float = 0.01, size: int = 256, views: int = 4) -> Path:
+    """``out``: the mesh coloured by how many cameras see each vertex, two rows of ``views``
+    (orbits 20° and 70° above it, so a container's inside shows)."""
+    import PIL.Image
+
+    dense = mesh.subdivide().subdivide()  # finer colour on a scan's large faces
+    diag = float(np.linalg.norm(mesh.extents))
+    counts = views_seeing(mesh, cameras, np.asarray(dense.vertices), np.asarray(dense.vertex_normals), scale, tolerance * diag)
+    palette = np.array([[220, 30, 30, 255], [235, 200, 40, 255], [60, 170, 60, 255]], np.uint8)  # none, 1-2, more
+    colours = palette[np.digitize(counts, [1, 3])]
+    vertices = (np.asarray(dense.vertices) - mesh.bounds.mean(0)) / diag @ Z_UP_TO_Y_UP.T
+    shown = trimesh.Trimesh(vertices, dense.faces, process=False)
+    shown.visual = trimesh.visual.ColorVisuals(shown, vertex_colors=colours)
+    rows = [np.concatenate(_render_pyrender(shown, _orbit_poses(np.zeros(3), 1.6, views, elevation), size), 1)
+            for elevation in (20.0, 70.0)]
+    PIL.Image.fromarray(np.concatenate(rows, 0)).save(out, optimize=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--turntable", type=Path, required=True, help="folder with truth/ (mesh.ply, cameras.json)")
     parser.add_argument("--scale", type=float, default=0.25, help="render size as a share of the frames' size")
     parser.add_argument("--tolerance", type=float, default=0.01, help="behind-the-depth slack, share of the bbox diagonal")
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
+    parser.add_argument("--figure", type=Path, help="draw the true mesh coloured by how many cameras see it (PNG)")
     args = parser.parse_args()
     truth = args.turntable / "truth"
-    figures = visibility_bound(trimesh.load(truth / "mesh.ply", force="mesh"), load_truth_cameras(truth), args.scale, args.tolerance)
+    mesh, cameras = trimesh.load(truth / "mesh.ply", force="mesh"), load_truth_cameras(truth)
+    figures = visibility_bound(mesh, cameras, args.scale, args.tolerance)
+    if args.figure:
+        visibility_figure(mesh, cameras, args.figure, args.scale, args.tolerance)
     figures["turntable"] = args.turntable.name
     if args.out:
         args.out.write_text(json.dumps(figures, indent=1))

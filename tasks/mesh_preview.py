@@ -22,10 +22,10 @@ _YFOV = math.radians(35.0)
 _BACKGROUND = (255, 255, 255)
 
 
-def _orbit_poses(centre: np.ndarray, distance: float, views: int) -> list[np.ndarray]:
+def _orbit_poses(centre: np.ndarray, distance: float, views: int, elevation_deg: float = _ELEVATION_DEG) -> list[np.ndarray]:
     """``views`` 4x4 camera-to-world poses (OpenGL axes) around +Y, looking at ``centre``."""
     poses = []
-    elevation = math.radians(_ELEVATION_DEG)
+    elevation = math.radians(elevation_deg)
     for k in range(views):
         azimuth = 2 * math.pi * k / views
         eye = centre + distance * np.array(

@@ -272,3 +272,21 @@ def test_visibility_bound_of_a_cube_filmed_from_above():
     assert above["fscore_bound_with_underside"] > 0.995
     both = visibility_bound(cube, orbit([2.3, -2.3]), scale=1.0, samples=20_000)
     assert both["seen_fraction_2views"] > 0.99 and both["fscore_bound"] > 0.995
+
+
+def test_visibility_figure_marks_what_no_camera_sees_red(tmp_path):
+    """Cameras on one side of a cube: the figure's orbit shows the far faces red, the near ones green."""
+    pytest.importorskip("pyrender")
+    from PIL import Image
+
+    from bench.visibility import visibility_figure
+    from tests.analytic_field import look_at
+    from tests.truth import TruthCameras
+
+    eyes = [[4 * np.cos(a), 4 * np.sin(a), 2.0] for a in np.linspace(0.1, 1.4, 4)]
+    cameras = TruthCameras(np.array([look_at(np.array(e), np.zeros(3)) for e in eyes]), 80.0, 80.0, 48.0, 48.0, 96, 96, {})
+    out = visibility_figure(trimesh.creation.box(extents=(1.0, 1.0, 1.0)), cameras, tmp_path / "seen.png", scale=1.0, size=64)
+    pixels = np.asarray(Image.open(out).convert("RGB")).reshape(-1, 3).astype(int)
+    assert Image.open(out).size == (4 * 64, 2 * 64)
+    red, green = pixels[:, 0] - pixels[:, 1] > 80, pixels[:, 1] - pixels[:, 0] > 50  # shaded, so only the hue is sure
+    assert red.mean() > 0.02 and green.mean() > 0.02
