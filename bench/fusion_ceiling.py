@@ -42,7 +42,25 @@ class TrueDepthField:
         self.scene = pyrender.Scene()
         self.scene.add(pyrender.Mesh.from_trimesh(mesh, smooth=False))
         self.camera = None
+        self._renderer = None
         self.aabb = torch.tensor(mesh.bounds, dtype=torch.float32)
+
+    def z_depth(self, c2w: np.ndarray, intrinsics: tuple[float, float, float, float], width: int, height: int) -> np.ndarray:
+        """``[H, W]`` depth along the camera's -Z axis (0 where no surface) from ``c2w [4, 4]`` (OpenGL)."""
+        fx, fy, cx, cy = intrinsics
+        if self.camera is not None:
+            self.scene.remove_node(self.camera)
+        self.camera = self.scene.add(self._pyrender.IntrinsicsCamera(fx, fy, cx, cy, znear=1e-3, zfar=1e3), pose=c2w)
+        if self._renderer is None or (self._renderer.viewport_width, self._renderer.viewport_height) != (width, height):
+            self.close()
+            self._renderer = self._pyrender.OffscreenRenderer(width, height)
+        return self._renderer.render(self.scene, flags=self._pyrender.RenderFlags.DEPTH_ONLY)
+
+    def close(self) -> None:
+        """Free the OpenGL renderer (a later render makes a new one)."""
+        if self._renderer is not None:
+            self._renderer.delete()
+            self._renderer = None
 
     def render(
         self, c2w: Tensor, intrinsics: Tensor, width: int, height: int, surface_opacity: float = 0.5, solid_alpha: float = 0.0
@@ -50,15 +68,7 @@ class TrueDepthField:
         """``alpha [H, W]`` (0 or 1) and ``depth [H, W]`` (distance along each pixel's ray; opaque,
         so ``surface_opacity`` and ``solid_alpha`` change nothing)."""
         fx, fy, cx, cy = (float(v) for v in intrinsics)
-        if self.camera is not None:
-            self.scene.remove_node(self.camera)
-        camera = self._pyrender.IntrinsicsCamera(fx, fy, cx, cy, znear=1e-3, zfar=1e3)
-        self.camera = self.scene.add(camera, pose=c2w.double().numpy())
-        renderer = self._pyrender.OffscreenRenderer(width, height)
-        try:
-            z = renderer.render(self.scene, flags=self._pyrender.RenderFlags.DEPTH_ONLY)
-        finally:
-            renderer.delete()
+        z = self.z_depth(c2w.double().numpy(), (fx, fy, cx, cy), width, height)
         u, v = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
         along_ray = np.sqrt(((u - cx) / fx) ** 2 + ((v - cy) / fy) ** 2 + 1.0)  # z-depth → ray length
         return {"alpha": torch.from_numpy((z > 0).astype(np.float32)), "depth": torch.from_numpy((z * along_ray).astype(np.float32))}
@@ -74,7 +84,10 @@ def ceiling(run: Path, turntable: Path, overrides: list[str]) -> dict[str, Any]:
     field = TrueDepthField(normalised)
     box = meshing_box(normalised.bounds + np.array([[-1.0], [1.0]]) * 0.2 * normalised.extents, masks, settings)
     started = time.perf_counter()
-    tsdf, record = fuse_depth(field, box, settings.grid_resolution, Path(masks.transforms), settings.fusion, "cpu")
+    try:
+        tsdf, record = fuse_depth(field, box, settings.grid_resolution, Path(masks.transforms), settings.fusion, "cpu")
+    finally:
+        field.close()
     vertices, faces = geo.grid_to_mesh(-tsdf, box, 0.0)
     vertices, faces, _ = clean_surface(vertices, faces, masks, settings, hull_cull=False)
     estimate = trimesh.Trimesh(vertices=s * vertices @ R.T + t, faces=faces, process=False)

@@ -156,14 +156,11 @@ def geometry_quality(estimate: trimesh.Trimesh, truth_mesh: Path, samples: int =
     # underside (normal pointing down), so that part says how the unseen base was closed.
     d_true, _ = cKDTree(aligned).query(true_pts, workers=-1)
     normals = np.asarray(truth.face_normals)[true_faces]
-    down = normals[:, 2] < -0.7
+    down, inward = facing_parts(true_pts, normals, truth.bounds.mean(0))
     figures["underside_fraction"] = float(down.mean())
     figures["recall_1pct_icp_underside"] = float((d_true[down] < 0.01 * diag).mean()) if down.any() else None
     figures["recall_1pct_icp_rest"] = float((d_true[~down] < 0.01 * diag).mean())
-    # ...and the inside of an open product (a basket's inner walls: sideways normals that point
-    # towards the vertical axis), seen only through its opening.
-    towards_axis = np.einsum("ij,ij->i", normals[:, :2], true_pts[:, :2] - truth.bounds.mean(0)[:2]) < 0
-    inward = towards_axis & (np.abs(normals[:, 2]) <= 0.7)
+    # ...and the inside of an open product (a basket's inner walls), seen only through its opening.
     figures["inward_fraction"] = float(inward.mean())
     figures["recall_1pct_icp_inward"] = float((d_true[inward] < 0.01 * diag).mean()) if inward.any() else None
     figures.update(precision_by_facing(aligned, true_pts, normals, diag))
@@ -173,6 +170,14 @@ def geometry_quality(estimate: trimesh.Trimesh, truth_mesh: Path, samples: int =
     figures["bbox_extent_error_max"] = float(np.abs(extent_err).max())
     figures["bbox_diag_m"] = diag
     return figures
+
+
+def facing_parts(points: np.ndarray, normals: np.ndarray, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which surface samples ``[N, 3]`` (normals ``[N, 3]``) face down (normal z < -0.7: the
+    underside an orbit above never sees) and which face in (sideways normals pointing towards the
+    vertical axis through ``centre [3]``: an open product's inner walls) → two ``[N]`` bool masks."""
+    towards_axis = np.einsum("ij,ij->i", normals[:, :2], points[:, :2] - centre[:2]) < 0
+    return normals[:, 2] < -0.7, towards_axis & (np.abs(normals[:, 2]) <= 0.7)
 
 
 def precision_by_facing(est_pts: np.ndarray, true_pts: np.ndarray, true_normals: np.ndarray, diag: float) -> dict[str, float | None]:

@@ -24,11 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import trimesh
 from scipy.spatial import cKDTree
 
+from bench.fusion_ceiling import TrueDepthField
+from bench.quality import facing_parts
 from tasks.mesh_export import Z_UP_TO_Y_UP
 from tasks.mesh_preview import _orbit_poses, _render_pyrender
+from tasks.nerf.rays import camera_to_pixels
 from tests.truth import TruthCameras, load_truth_cameras
 
 
@@ -36,32 +40,22 @@ def views_seeing(
     mesh: trimesh.Trimesh, cameras: TruthCameras, points: np.ndarray, normals: np.ndarray, scale: float, tolerance: float
 ) -> np.ndarray:
     """How many cameras see each of ``points [N, 3]`` (surface normals ``[N, 3]``) → ``[N]`` int."""
-    import pyrender
-
-    scene = pyrender.Scene()
-    scene.add(pyrender.Mesh.from_trimesh(mesh, smooth=False))
+    renderer = TrueDepthField(mesh)
     w, h = max(1, round(cameras.w * scale)), max(1, round(cameras.h * scale))
-    fx, fy, cx, cy = cameras.fl_x * scale, cameras.fl_y * scale, cameras.cx * scale, cameras.cy * scale
-    renderer = pyrender.OffscreenRenderer(w, h)
+    k = (cameras.fl_x * scale, cameras.fl_y * scale, cameras.cx * scale, cameras.cy * scale)
     counts = np.zeros(len(points), np.int32)
-    node = None
     try:
         for c2w in cameras.c2w:
-            if node is not None:
-                scene.remove_node(node)
-            node = scene.add(pyrender.IntrinsicsCamera(fx, fy, cx, cy, znear=1e-3, zfar=1e3), pose=c2w)
-            depth = renderer.render(scene, flags=pyrender.RenderFlags.DEPTH_ONLY)  # z along -Z, 0 = nothing
-            cam = (points - c2w[:3, 3]) @ c2w[:3, :3]  # OpenGL camera axes: x right, y up, looking down -Z
-            z = -cam[:, 2]
-            ahead = z > 1e-6
-            u = np.floor(fx * cam[:, 0] / np.where(ahead, z, 1) + cx).astype(np.int64)
-            v = np.floor(cy - fy * cam[:, 1] / np.where(ahead, z, 1)).astype(np.int64)
-            inside = ahead & (u >= 0) & (u < w) & (v >= 0) & (v < h)
+            depth = renderer.z_depth(c2w, k, w, h)  # 0 = nothing
+            cam = torch.from_numpy((points - c2w[:3, 3]) @ c2w[:3, :3])  # OpenGL camera axes
+            u, v, z = (t.numpy() for t in camera_to_pixels(cam, torch.tensor(k, dtype=cam.dtype)))
+            u, v = np.floor(u).astype(np.int64), np.floor(v).astype(np.int64)
+            inside = (z > 1e-6) & (u >= 0) & (u < w) & (v >= 0) & (v < h)
             surface = np.where(inside, depth[v.clip(0, h - 1), u.clip(0, w - 1)], 0.0)
             facing = np.einsum("ij,ij->i", normals, c2w[:3, 3] - points) > 0
             counts += (inside & facing & (surface > 0) & (z <= surface + tolerance)).astype(np.int32)
     finally:
-        renderer.delete()
+        renderer.close()
     return counts
 
 
@@ -73,7 +67,7 @@ def visibility_bound(mesh: trimesh.Trimesh, cameras: TruthCameras, scale: float 
     points, normals = np.asarray(points), np.asarray(mesh.face_normals)[faces]
     counts = views_seeing(mesh, cameras, points, normals, scale, tolerance * diag)
     figures: dict[str, Any] = {"cameras": len(cameras.c2w), "render_scale": scale, "samples": samples}
-    down = normals[:, 2] < -0.7
+    down, inward = facing_parts(points, normals, mesh.bounds.mean(0))
     # Closing the base (mesh.fusion.close_base) recovers most of the unseen underside: our meshes
     # recall 0.97 of the basket's and 0.98 of the box's downward faces (bench/RESULTS.md).
     for suffix, seen in (("", counts >= 1), ("_2views", counts >= 2), ("_with_underside", (counts >= 1) | down)):
@@ -81,7 +75,6 @@ def visibility_bound(mesh: trimesh.Trimesh, cameras: TruthCameras, scale: float 
         figures[f"seen_fraction{suffix}"] = float(seen.mean())
         figures[f"recall_bound{suffix}"] = recall
         figures[f"fscore_bound{suffix}"] = 2 * recall / (1 + recall)
-    inward = (np.einsum("ij,ij->i", normals[:, :2], points[:, :2] - mesh.bounds.mean(0)[:2]) < 0) & (np.abs(normals[:, 2]) <= 0.7)
     for name, part in (("underside", down), ("inward", inward)):
         figures[f"{name}_fraction"] = float(part.mean())
         figures[f"seen_fraction_{name}"] = float((counts[part] >= 1).mean()) if part.any() else None
