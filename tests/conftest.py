@@ -5,6 +5,16 @@ import os
 # Ground-truth turntables render with Mesa's software OpenGL: no display, no GPU.
 os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
 
+# Without CUDA, Triton kernels (the fused hash encoding, tasks/nerf/hashgrid_triton.py) run in
+# Triton's CPU interpreter, so CI tests them too. Read when triton is first imported (below).
+try:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover - torch is a hard dependency
+    pass
+
 # Mesa's llvmpipe exports its LLVM symbols process-wide once a test renders; triton (which
 # torch imports on the first optimizer step) then crashes while loading its own LLVM. Tests
 # render and train in one process, so triton is loaded first. (The pipeline itself renders

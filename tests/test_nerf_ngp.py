@@ -221,6 +221,29 @@ def test_checkpoint_keeps_geometry_levels(tmp_path):
         assert torch.equal(loaded.model.density(points), model.density(points))
 
 
+def _spherical_harmonics_written_out(d: torch.Tensor) -> torch.Tensor:
+    """The 16 harmonics as instant-ngp writes them (tcnn's SH encoding, degree 4)."""
+    x, y, z = d.unbind(-1)
+    xx, yy, zz, xy, yz, xz = x * x, y * y, z * z, x * y, y * z, x * z
+    return torch.stack([
+        torch.full_like(x, 0.28209479177387814), -0.48860251190291987 * y, 0.48860251190291987 * z,
+        -0.48860251190291987 * x, 1.0925484305920792 * xy, -1.0925484305920792 * yz,
+        0.94617469575755997 * zz - 0.31539156525251999, -1.0925484305920792 * xz,
+        0.54627421529603959 * (xx - yy), 0.59004358992664352 * y * (-3.0 * xx + yy), 2.8906114426405538 * xy * z,
+        0.45704579946446572 * y * (1.0 - 5.0 * zz), 0.3731763325901154 * z * (5.0 * zz - 3.0),
+        0.45704579946446572 * x * (1.0 - 5.0 * zz), 1.4453057213202769 * z * (xx - yy),
+        0.59004358992664352 * x * (-xx + 3.0 * yy),
+    ], dim=-1)
+
+
+def test_spherical_harmonics_as_one_matrix_product_match_the_written_out_polynomials():
+    dirs = torch.nn.functional.normalize(torch.randn(1000, 3, dtype=torch.float64), dim=-1)
+    torch.testing.assert_close(spherical_harmonics(dirs), _spherical_harmonics_written_out(dirs), rtol=0, atol=1e-12)
+    dirs32 = dirs.float().requires_grad_(True)
+    spherical_harmonics(dirs32).sum().backward()  # differentiable (refined cameras)
+    assert dirs32.grad is not None and torch.isfinite(dirs32.grad).all()
+
+
 def test_spherical_harmonics_band0_constant_and_shape():
     dirs = torch.nn.functional.normalize(torch.randn(100, 3), dim=-1)
     sh = spherical_harmonics(dirs)

@@ -2,7 +2,8 @@
 harmonics for view directions, and the truncated exponential used for density.
 
 Everything here is vectorised over points and levels (no per-sample Python loops) and runs
-the same on CPU and CUDA. The hash follows instant-ngp (Müller et al. 2022): corner
+the same on CPU and CUDA; on CUDA the encoding can instead run as two fused Triton kernels
+(``tasks/nerf/hashgrid_triton.py``, ``nerf.encoding_kernel``). The hash follows instant-ngp (Müller et al. 2022): corner
 ``(x, y, z)`` of a level goes to ``(x * 1 ^ y * 2654435761 ^ z * 805459861) mod T``; coarse
 levels whose ``(res + 1)^3`` corners fit in ``T`` entries are indexed densely instead (no
 collisions there).
@@ -12,11 +13,16 @@ from __future__ import annotations
 
 import math
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
+from tasks.nerf import hashgrid_triton
+
 # instant-ngp's spatial hash primes (the first is 1 so that x keeps its coherence).
 HASH_PRIMES = (1, 2654435761, 805459861)
+ENCODING_KERNELS = ("auto", "torch", "triton")
 
 
 def level_resolutions(n_levels: int, base_resolution: int, finest_resolution: int) -> list[int]:
@@ -68,6 +74,41 @@ class HashGrid(nn.Module):
         self.register_buffer("primes", torch.tensor(HASH_PRIMES, dtype=torch.int64), persistent=False)
         # instant-ngp initialises the table uniformly in ±1e-4: near zero, but not symmetric.
         self.table = nn.Parameter(torch.empty(sum(sizes), features_per_level).uniform_(-init_scale, init_scale))
+        # "torch" (below) or "triton" (tasks/nerf/hashgrid_triton.py); use_kernel() sets it.
+        self.kernel = "torch"
+
+    def use_kernel(self, kind: str = "auto") -> str:
+        """Pick how :meth:`forward` runs: ``torch`` (anywhere), ``triton`` (two fused kernels;
+        CUDA, or Triton's CPU interpreter in tests) or ``auto`` (triton on CUDA when it imports and
+        compiles, torch otherwise). Call after moving the grid to its device; returns the choice."""
+        if kind not in ENCODING_KERNELS:
+            raise ValueError(f"nerf.encoding_kernel={kind!r} is not one of {', '.join(ENCODING_KERNELS)}")
+        device = self.table.device
+        if kind == "torch" or (kind == "auto" and device.type != "cuda"):
+            self.kernel = "torch"
+            return self.kernel
+        try:
+            if not hashgrid_triton.triton_available(device):
+                raise RuntimeError(f"triton is not importable or {device} is not a CUDA device")
+            # Triton compiles on first use: do it now, so a broken toolchain shows here.
+            with torch.no_grad():
+                self._encode_triton(torch.full((1, 3), 0.5, device=device), self.n_levels)
+            self.kernel = "triton"
+        except Exception as error:
+            if kind == "triton":
+                raise RuntimeError(
+                    f"nerf.encoding_kernel=triton but the fused hash encoding cannot run here ({error}); "
+                    "install triton (it comes with PyTorch's CUDA wheels) or use nerf.encoding_kernel=torch"
+                ) from error
+            warnings.warn(f"fused hash encoding unavailable ({error}); encoding in plain torch (slower)", stacklevel=2)
+            self.kernel = "torch"
+        return self.kernel
+
+    def _encode_triton(self, unit_points: Tensor, n_levels: int) -> Tensor:
+        return hashgrid_triton.encode_fused(
+            unit_points, self.table, self.resolutions[:n_levels], self.level_sizes[:n_levels],
+            self.level_offsets[:n_levels], self.n_dense_levels,
+        )
 
     def corner_indices(self, cells: Tensor) -> Tensor:
         """Table rows of the 8 corners of each cell. cells ``[L, N, 3]`` int64 (the first ``L`` levels)
@@ -106,6 +147,10 @@ class HashGrid(nn.Module):
         n_levels = self.n_levels if n_levels is None else n_levels
         if not 1 <= n_levels <= self.n_levels:
             raise ValueError(f"HashGrid has {self.n_levels} levels, asked for the first {n_levels}")
+        # The fused kernels differentiate the table only; points that need a gradient (refined
+        # cameras) take the plain path.
+        if self.kernel == "triton" and not (unit_points.requires_grad and torch.is_grad_enabled()):
+            return self._encode_triton(unit_points, n_levels)
         n_points = unit_points.shape[0]
         res = self.resolutions[:n_levels].to(torch.float32)[:, None, None]  # [L, 1, 1]
         scaled = unit_points.float().clamp(0.0, 1.0)[None] * res  # [L, N, 3]
@@ -148,35 +193,54 @@ def gather_rows(table: Tensor, index: Tensor) -> Tensor:
     return _GatherRows.apply(table, index)
 
 
+# Each real spherical harmonic up to band 3 as a polynomial in the direction (x, y, z): terms
+# (coefficient, (i, j, k)), the monomial being f_i * f_j * f_k of the factors f = (1, x, y, z).
+# Constants as in instant-ngp / nerfstudio.
+_SH_TERMS: tuple[tuple[tuple[float, tuple[int, int, int]], ...], ...] = (
+    ((0.28209479177387814, (0, 0, 0)),),
+    ((-0.48860251190291987, (2, 0, 0)),),
+    ((0.48860251190291987, (3, 0, 0)),),
+    ((-0.48860251190291987, (1, 0, 0)),),
+    ((1.0925484305920792, (1, 2, 0)),),
+    ((-1.0925484305920792, (2, 3, 0)),),
+    ((0.94617469575755997, (3, 3, 0)), (-0.31539156525251999, (0, 0, 0))),
+    ((-1.0925484305920792, (1, 3, 0)),),
+    ((0.54627421529603959, (1, 1, 0)), (-0.54627421529603959, (2, 2, 0))),
+    ((-3.0 * 0.59004358992664352, (1, 1, 2)), (0.59004358992664352, (2, 2, 2))),  # y (-3xx + yy)
+    ((2.8906114426405538, (1, 2, 3)),),
+    ((0.45704579946446572, (2, 0, 0)), (-5.0 * 0.45704579946446572, (2, 3, 3))),  # y (1 - 5zz)
+    ((5.0 * 0.3731763325901154, (3, 3, 3)), (-3.0 * 0.3731763325901154, (3, 0, 0))),  # z (5zz - 3)
+    ((0.45704579946446572, (1, 0, 0)), (-5.0 * 0.45704579946446572, (1, 3, 3))),  # x (1 - 5zz)
+    ((1.4453057213202769, (1, 1, 3)), (-1.4453057213202769, (2, 2, 3))),  # z (xx - yy)
+    ((-0.59004358992664352, (1, 1, 1)), (3.0 * 0.59004358992664352, (1, 2, 2))),  # x (-xx + 3yy)
+)
+_SH_MATRICES: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+
+def _sh_matrix(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``[64, 16]``: column ``c`` holds harmonic ``c``'s coefficients over the monomials
+    ``f_i f_j f_k`` (row ``16 i + 4 j + k``); cached per device and dtype."""
+    key = (device, dtype)
+    if key not in _SH_MATRICES:
+        matrix = torch.zeros(64, 16, dtype=torch.float64)
+        for column, terms in enumerate(_SH_TERMS):
+            for coefficient, (i, j, k) in terms:
+                matrix[16 * i + 4 * j + k, column] += coefficient
+        _SH_MATRICES[key] = matrix.to(device, dtype)
+    return _SH_MATRICES[key]
+
+
 def spherical_harmonics(directions: Tensor) -> Tensor:
     """Real spherical harmonics up to band 3 (16 coefficients, tcnn's "degree 4").
 
-    directions ``[N, 3]`` unit vectors → ``[N, 16]``. Constants as in instant-ngp / nerfstudio.
+    directions ``[N, 3]`` unit vectors → ``[N, 16]``. Every harmonic is a polynomial of degree at
+    most 3, so this is the 64 products of (1, x, y, z) taken three at a time times one constant
+    matrix: four kernels instead of the ~45 that writing the 16 polynomials out costs (a training
+    step evaluates them for every sample, and is paced by launching kernels).
     """
-    x, y, z = directions.unbind(-1)
-    xx, yy, zz = x * x, y * y, z * z
-    xy, yz, xz = x * y, y * z, x * z
-    return torch.stack(
-        [
-            torch.full_like(x, 0.28209479177387814),
-            -0.48860251190291987 * y,
-            0.48860251190291987 * z,
-            -0.48860251190291987 * x,
-            1.0925484305920792 * xy,
-            -1.0925484305920792 * yz,
-            0.94617469575755997 * zz - 0.31539156525251999,
-            -1.0925484305920792 * xz,
-            0.54627421529603959 * (xx - yy),
-            0.59004358992664352 * y * (-3.0 * xx + yy),
-            2.8906114426405538 * xy * z,
-            0.45704579946446572 * y * (1.0 - 5.0 * zz),
-            0.3731763325901154 * z * (5.0 * zz - 3.0),
-            0.45704579946446572 * x * (1.0 - 5.0 * zz),
-            1.4453057213202769 * z * (xx - yy),
-            0.59004358992664352 * x * (-xx + 3.0 * yy),
-        ],
-        dim=-1,
-    )
+    factors = torch.cat([directions.new_ones(directions.shape[0], 1), directions], dim=-1)  # [N, 4]
+    monomials = (factors[:, :, None, None] * factors[:, None, :, None] * factors[:, None, None, :]).reshape(-1, 64)
+    return monomials @ _sh_matrix(directions.device, directions.dtype)
 
 
 class _TruncExp(torch.autograd.Function):

@@ -47,6 +47,7 @@ class NgpSettings:
     rays_per_batch: int = 4096
     samples_per_ray: int = 256
     sampler: str = "auto"
+    encoding_kernel: str = "auto"
     early_stop_eps: float = 1e-4
     aabb_padding: float = 0.1
     downscale: int = 1
@@ -118,6 +119,7 @@ def build_field(s: NgpSettings, aabb: Tensor, device: torch.device) -> tuple[Ngp
         aabb, s.n_levels, s.features_per_level, s.log2_hashmap_size, s.base_resolution,
         s.finest_resolution, s.hidden_dim, s.geo_feat_dim, s.color_hidden_dim, s.geometry_levels,
     ).to(device)
+    model.encoding.use_kernel(s.encoding_kernel)
     step = float((aabb[1] - aabb[0]).norm()) / s.samples_per_ray
     occupancy = OccupancyGrid(aabb.to(device), s.occ_resolution, step, s.occ_threshold, s.occ_decay)
     return model, occupancy, step

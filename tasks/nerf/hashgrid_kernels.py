@@ -1,0 +1,83 @@
+"""Triton kernels of the fused hash encoding (``tasks/nerf/hashgrid_triton.py`` wraps them).
+
+Imported only when the fused encoding is first used, so processes that never use it never load
+Triton (and its LLVM, which clashes with Mesa's once Mesa is loaded: see tests/conftest.py).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _corner_index_weight(ix, iy, iz, fx, fy, fz, corner: tl.constexpr, stride, dense, size, offset):
+    """Table row and trilinear weight of one corner (``corner = 4 dz + 2 dy + dx``) of each cell."""
+    dx: tl.constexpr = corner & 1
+    dy: tl.constexpr = (corner >> 1) & 1
+    dz: tl.constexpr = (corner >> 2) & 1
+    x = ix + dx
+    y = iy + dy
+    z = iz + dz
+    dense_index = x + y * stride + z * stride * stride
+    # instant-ngp's primes; int64 products cannot overflow (coordinates < 2^20), and the
+    # power-of-two modulus keeps the low bits of its wrapping uint32 arithmetic.
+    hashed = x ^ (y * 2654435761) ^ (z * 805459861)
+    index = tl.where(dense, dense_index, hashed) % size + offset
+    wx = fx if dx == 1 else 1.0 - fx
+    wy = fy if dy == 1 else 1.0 - fy
+    wz = fz if dz == 1 else 1.0 - fz
+    return index, wz * wy * wx
+
+@triton.jit
+def _cells(points_ptr, rows, valid, level, resolutions_ptr):
+    """Cell corner (int64) and position inside the cell (float32) of each point, per axis."""
+    res = tl.load(resolutions_ptr + level)
+    res_f = res.to(tl.float32)
+    px = tl.minimum(tl.maximum(tl.load(points_ptr + rows * 3 + 0, mask=valid, other=0.0), 0.0), 1.0) * res_f
+    py = tl.minimum(tl.maximum(tl.load(points_ptr + rows * 3 + 1, mask=valid, other=0.0), 0.0), 1.0) * res_f
+    pz = tl.minimum(tl.maximum(tl.load(points_ptr + rows * 3 + 2, mask=valid, other=0.0), 0.0), 1.0) * res_f
+    # The last cell is closed on the right so that x = 1 stays inside the grid.
+    cx = tl.minimum(tl.floor(px), res_f - 1.0)
+    cy = tl.minimum(tl.floor(py), res_f - 1.0)
+    cz = tl.minimum(tl.floor(pz), res_f - 1.0)
+    return cx.to(tl.int64), cy.to(tl.int64), cz.to(tl.int64), px - cx, py - cy, pz - cz, res + 1
+
+@triton.jit
+def encode_forward(
+    points_ptr, table_ptr, out_ptr, resolutions_ptr, sizes_ptr, offsets_ptr, n_points, n_dense,
+    N_LEVELS: tl.constexpr, FEATURES: tl.constexpr, BLOCK: tl.constexpr,
+):
+    level = tl.program_id(1)
+    rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    valid = rows < n_points
+    ix, iy, iz, fx, fy, fz, stride = _cells(points_ptr, rows, valid, level, resolutions_ptr)
+    size = tl.load(sizes_ptr + level)
+    offset = tl.load(offsets_ptr + level)
+    dense = level < n_dense
+    columns = tl.arange(0, FEATURES)
+    acc = tl.zeros((BLOCK, FEATURES), dtype=tl.float32)
+    for corner in tl.static_range(8):
+        index, weight = _corner_index_weight(ix, iy, iz, fx, fy, fz, corner, stride, dense, size, offset)
+        rows_features = tl.load(table_ptr + index[:, None] * FEATURES + columns[None, :], mask=valid[:, None], other=0.0)
+        acc += weight[:, None] * rows_features
+    out = out_ptr + rows[:, None] * (N_LEVELS * FEATURES) + level * FEATURES + columns[None, :]
+    tl.store(out, acc, mask=valid[:, None])
+
+@triton.jit
+def encode_backward(
+    points_ptr, grad_out_ptr, grad_table_ptr, resolutions_ptr, sizes_ptr, offsets_ptr, n_points, n_dense,
+    N_LEVELS: tl.constexpr, FEATURES: tl.constexpr, BLOCK: tl.constexpr,
+):
+    level = tl.program_id(1)
+    rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    valid = rows < n_points
+    ix, iy, iz, fx, fy, fz, stride = _cells(points_ptr, rows, valid, level, resolutions_ptr)
+    size = tl.load(sizes_ptr + level)
+    offset = tl.load(offsets_ptr + level)
+    dense = level < n_dense
+    columns = tl.arange(0, FEATURES)
+    grad = tl.load(grad_out_ptr + rows[:, None] * (N_LEVELS * FEATURES) + level * FEATURES + columns[None, :],
+                   mask=valid[:, None], other=0.0)
+    for corner in tl.static_range(8):
+        index, weight = _corner_index_weight(ix, iy, iz, fx, fy, fz, corner, stride, dense, size, offset)
+        tl.atomic_add(grad_table_ptr + index[:, None] * FEATURES + columns[None, :], weight[:, None] * grad,
+                      mask=valid[:, None])
