@@ -45,17 +45,22 @@ def _fused(grid: HashGrid, points: torch.Tensor, n_levels: int) -> torch.Tensor:
 
 def _check_against_torch(grid: HashGrid, points: torch.Tensor) -> None:
     assert 0 < grid.n_dense_levels < grid.n_levels  # both index kinds are exercised
+    # Compiled, Triton contracts ``p * res - floor(p * res)`` into one fused multiply-add, so a
+    # point's position in a 2048-cell level moves by up to a float32 ulp of 2048 (~1e-4) against
+    # torch's rounded product; the interpreter computes exactly as torch does. A wrong corner or
+    # hash is off by the table's values (~1).
+    forward_atol, grad_atol = (1e-5, 1e-5) if points.device.type == "cpu" else (5e-4, 5e-3)
     for n_levels in (grid.n_levels, 5):
         expected = grid(points, n_levels)  # grid.kernel is "torch" here
         got = _fused(grid, points, n_levels)
         assert got.shape == expected.shape == (points.shape[0], 2 * n_levels)
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=forward_atol)
         upstream = torch.randn_like(expected)
         (expected * upstream).sum().backward()
         want = grid.table.grad.clone()
         grid.table.grad = None
         (got * upstream).sum().backward()
-        torch.testing.assert_close(grid.table.grad, want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(grid.table.grad, want, rtol=1e-3, atol=grad_atol)
         assert want.abs().sum() > 0
         grid.table.grad = None
 
