@@ -147,9 +147,7 @@ class HashGrid(nn.Module):
         n_levels = self.n_levels if n_levels is None else n_levels
         if not 1 <= n_levels <= self.n_levels:
             raise ValueError(f"HashGrid has {self.n_levels} levels, asked for the first {n_levels}")
-        # The fused kernels differentiate the table only; points that need a gradient (refined
-        # cameras) take the plain path.
-        if self.kernel == "triton" and not (unit_points.requires_grad and torch.is_grad_enabled()):
+        if self.kernel == "triton":
             return self._encode_triton(unit_points, n_levels)
         n_points = unit_points.shape[0]
         res = self.resolutions[:n_levels].to(torch.float32)[:, None, None]  # [L, 1, 1]

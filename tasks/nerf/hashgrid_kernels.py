@@ -9,8 +9,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _corner_index_weight(ix, iy, iz, fx, fy, fz, corner: tl.constexpr, stride, dense, size, offset):
-    """Table row and trilinear weight of one corner (``corner = 4 dz + 2 dy + dx``) of each cell."""
+def _corner(ix, iy, iz, fx, fy, fz, corner: tl.constexpr, stride, dense, size, offset):
+    """Table row and the three axis weights of one corner (``corner = 4 dz + 2 dy + dx``) of each
+    cell; its trilinear weight is ``wz * wy * wx``."""
     dx: tl.constexpr = corner & 1
     dy: tl.constexpr = (corner >> 1) & 1
     dz: tl.constexpr = (corner >> 2) & 1
@@ -25,7 +26,8 @@ def _corner_index_weight(ix, iy, iz, fx, fy, fz, corner: tl.constexpr, stride, d
     wx = fx if dx == 1 else 1.0 - fx
     wy = fy if dy == 1 else 1.0 - fy
     wz = fz if dz == 1 else 1.0 - fz
-    return index, wz * wy * wx
+    return index, wx, wy, wz
+
 
 @triton.jit
 def _cells(points_ptr, rows, valid, level, resolutions_ptr):
@@ -40,6 +42,7 @@ def _cells(points_ptr, rows, valid, level, resolutions_ptr):
     cy = tl.minimum(tl.floor(py), res_f - 1.0)
     cz = tl.minimum(tl.floor(pz), res_f - 1.0)
     return cx.to(tl.int64), cy.to(tl.int64), cz.to(tl.int64), px - cx, py - cy, pz - cz, res + 1
+
 
 @triton.jit
 def encode_forward(
@@ -56,17 +59,20 @@ def encode_forward(
     columns = tl.arange(0, FEATURES)
     acc = tl.zeros((BLOCK, FEATURES), dtype=tl.float32)
     for corner in tl.static_range(8):
-        index, weight = _corner_index_weight(ix, iy, iz, fx, fy, fz, corner, stride, dense, size, offset)
+        index, wx, wy, wz = _corner(ix, iy, iz, fx, fy, fz, corner, stride, dense, size, offset)
         rows_features = tl.load(table_ptr + index[:, None] * FEATURES + columns[None, :], mask=valid[:, None], other=0.0)
-        acc += weight[:, None] * rows_features
+        acc += (wz * wy * wx)[:, None] * rows_features
     out = out_ptr + rows[:, None] * (N_LEVELS * FEATURES) + level * FEATURES + columns[None, :]
     tl.store(out, acc, mask=valid[:, None])
 
+
 @triton.jit
 def encode_backward(
-    points_ptr, grad_out_ptr, grad_table_ptr, resolutions_ptr, sizes_ptr, offsets_ptr, n_points, n_dense,
-    N_LEVELS: tl.constexpr, FEATURES: tl.constexpr, BLOCK: tl.constexpr,
+    points_ptr, table_ptr, grad_out_ptr, grad_table_ptr, grad_points_ptr, resolutions_ptr, sizes_ptr, offsets_ptr,
+    n_points, n_dense, N_LEVELS: tl.constexpr, FEATURES: tl.constexpr, BLOCK: tl.constexpr, POINT_GRAD: tl.constexpr,
 ):
+    """The table's gradient (atomic adds into ``grad_table``) and, with ``POINT_GRAD``, the points'
+    (added into ``grad_points [N, 3]`` over the levels)."""
     level = tl.program_id(1)
     rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     valid = rows < n_points
@@ -77,7 +83,25 @@ def encode_backward(
     columns = tl.arange(0, FEATURES)
     grad = tl.load(grad_out_ptr + rows[:, None] * (N_LEVELS * FEATURES) + level * FEATURES + columns[None, :],
                    mask=valid[:, None], other=0.0)
+    grad_fx = tl.zeros((BLOCK,), dtype=tl.float32)
+    grad_fy = tl.zeros((BLOCK,), dtype=tl.float32)
+    grad_fz = tl.zeros((BLOCK,), dtype=tl.float32)
     for corner in tl.static_range(8):
-        index, weight = _corner_index_weight(ix, iy, iz, fx, fy, fz, corner, stride, dense, size, offset)
-        tl.atomic_add(grad_table_ptr + index[:, None] * FEATURES + columns[None, :], weight[:, None] * grad,
+        index, wx, wy, wz = _corner(ix, iy, iz, fx, fy, fz, corner, stride, dense, size, offset)
+        tl.atomic_add(grad_table_ptr + index[:, None] * FEATURES + columns[None, :], (wz * wy * wx)[:, None] * grad,
                       mask=valid[:, None])
+        if POINT_GRAD:
+            # d weight / d f_axis is ±(the other two axis weights): + for the far corner, - for the near.
+            along = tl.sum(tl.load(table_ptr + index[:, None] * FEATURES + columns[None, :], mask=valid[:, None], other=0.0) * grad, axis=1)
+            grad_fx += along * (wy * wz if (corner & 1) == 1 else -(wy * wz))
+            grad_fy += along * (wx * wz if ((corner >> 1) & 1) == 1 else -(wx * wz))
+            grad_fz += along * (wx * wy if ((corner >> 2) & 1) == 1 else -(wx * wy))
+    if POINT_GRAD:
+        # f = clamp(p, 0, 1) * res - cell: d f / d p = res strictly inside the cube, else 0 (as torch.clamp).
+        res_f = tl.load(resolutions_ptr + level).to(tl.float32)
+        px = tl.load(points_ptr + rows * 3 + 0, mask=valid, other=0.0)
+        py = tl.load(points_ptr + rows * 3 + 1, mask=valid, other=0.0)
+        pz = tl.load(points_ptr + rows * 3 + 2, mask=valid, other=0.0)
+        tl.atomic_add(grad_points_ptr + rows * 3 + 0, tl.where((px > 0.0) & (px < 1.0), grad_fx * res_f, 0.0), mask=valid)
+        tl.atomic_add(grad_points_ptr + rows * 3 + 1, tl.where((py > 0.0) & (py < 1.0), grad_fy * res_f, 0.0), mask=valid)
+        tl.atomic_add(grad_points_ptr + rows * 3 + 2, tl.where((pz > 0.0) & (pz < 1.0), grad_fz * res_f, 0.0), mask=valid)

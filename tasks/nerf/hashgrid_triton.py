@@ -9,8 +9,8 @@ their hash or dense index and trilinear weights in registers, as tiny-cuda-nn do
 backward recomputes them and adds into the table's gradient atomically.
 
 Same arithmetic as the PyTorch path (indices are identical; features agree to float32
-rounding, tested in ``tests/test_hashgrid_triton.py``). Gradients reach the table only: the
-PyTorch path stays in use where points need a gradient (camera refinement, ``nerf.pose_lr``).
+rounding, tested in ``tests/test_hashgrid_triton.py``). The backward also returns the points'
+gradient when they need one (camera refinement, ``nerf.pose_lr``), from the same corners.
 Needs ``triton`` (it comes with PyTorch's CUDA wheels); ``TRITON_INTERPRET=1`` runs the same
 kernels on the CPU, which is how CI tests them.
 """
@@ -52,20 +52,24 @@ class _FusedEncode(torch.autograd.Function):
             grid = (-(-n_points // _BLOCK), n_levels)
             _kernels().encode_forward[grid](points, table, out, resolutions, sizes, offsets, n_points, n_dense,
                                   N_LEVELS=n_levels, FEATURES=features, BLOCK=_BLOCK)
-        ctx.save_for_backward(points, resolutions, sizes, offsets)
-        ctx.n_dense, ctx.table_shape = n_dense, table.shape
+        ctx.save_for_backward(points, table, resolutions, sizes, offsets)
+        ctx.n_dense = n_dense
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        points, resolutions, sizes, offsets = ctx.saved_tensors
-        grad_table = torch.zeros(ctx.table_shape, device=points.device, dtype=torch.float32)
-        n_points, n_levels, features = points.shape[0], resolutions.shape[0], ctx.table_shape[1]
+        points, table, resolutions, sizes, offsets = ctx.saved_tensors
+        grad_table = torch.zeros_like(table)
+        point_grad = bool(ctx.needs_input_grad[0])
+        grad_points = torch.zeros_like(points) if point_grad else grad_table  # any pointer when unused
+        n_points, n_levels, features = points.shape[0], resolutions.shape[0], table.shape[1]
         if n_points:
             grid = (-(-n_points // _BLOCK), n_levels)
-            _kernels().encode_backward[grid](points, grad_out.float().contiguous(), grad_table, resolutions, sizes, offsets,
-                                   n_points, ctx.n_dense, N_LEVELS=n_levels, FEATURES=features, BLOCK=_BLOCK)
-        return None, grad_table, None, None, None, None
+            _kernels().encode_backward[grid](
+                points, table, grad_out.float().contiguous(), grad_table, grad_points, resolutions, sizes, offsets,
+                n_points, ctx.n_dense, N_LEVELS=n_levels, FEATURES=features, BLOCK=_BLOCK, POINT_GRAD=point_grad,
+            )
+        return (grad_points if point_grad else None), grad_table, None, None, None, None
 
 
 def encode_fused(
@@ -73,7 +77,7 @@ def encode_fused(
 ) -> Tensor:
     """The hash encoding of ``unit_points [N, 3]`` (float32, clamped onto the unit cube) with the
     first ``L = len(resolutions)`` levels → features ``[N, L * F]`` (float32), differentiable in
-    ``table [T, F]`` (F a power of two) only.
+    ``table [T, F]`` (F a power of two) and in the points (zero outside the cube, as the clamp).
 
     resolutions, sizes, offsets ``[L]`` int64: each level's cells across, table rows and first
     row; levels below ``n_dense`` are indexed densely, the others hashed.
