@@ -126,5 +126,9 @@ def test_fused_encoding_matches_torch_on_cuda():
     grid = _grid("cuda")
     _check_against_torch(grid, _points(100_000, "cuda"))
     # Compiled, a point's position in a fine level differs by ~1e-4 of a cell (fused multiply-add).
-    _check_point_gradients(grid, _points(10_000, "cuda"), rtol=2e-3)
+    # torch's clamp passes a gradient at exactly 0 and 1 on CUDA but not on the CPU; the kernel
+    # never does, so the CUDA comparison keeps its points off the cube's faces.
+    points = _points(10_000, "cuda")
+    points[:2] = torch.tensor([[0.25, 0.5, 0.75], [0.75, 0.5, 0.25]], device="cuda")
+    _check_point_gradients(grid, points, rtol=2e-3)
     assert grid.use_kernel("auto") == "triton"
