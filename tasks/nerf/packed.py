@@ -11,6 +11,7 @@ minus its value where each ray starts, in float64: a batch's summed optical dept
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,12 @@ class PackedSamples:
         """Sample positions along their rays ``[K]``."""
         return (self.t_starts + self.t_ends) / 2
 
+    @functools.cached_property
+    def first(self) -> Tensor:
+        """Index of the first sample of each sample's ray ``[K]`` int64; computed once and shared by
+        every running sum over these samples (compositing, the distortion loss)."""
+        return torch.searchsorted(self.ray_indices, self.ray_indices)
+
     def select(self, keep: Tensor) -> "PackedSamples":
         """The samples where ``keep [K]`` (bool) holds; order, and so grouping by ray, is kept."""
         return PackedSamples(self.ray_indices[keep], self.t_starts[keep], self.t_ends[keep], self.n_rays)
@@ -47,15 +54,18 @@ class PackedSamples:
         return gather_rows(per_ray, self.ray_indices)
 
 
-def segment_cumsum(values: Tensor, ray_indices: Tensor, exclusive: bool) -> Tensor:
-    """Running sum of ``values [K]`` within each ray's run of samples → ``[K]`` (float64).
+def segment_cumsum(values: Tensor, ray_indices: Tensor, exclusive: bool, first: Tensor | None = None) -> Tensor:
+    """Running sum of ``values [K]`` (or ``[K, C]``, per column) within each ray's run of samples
+    → the same shape, float64.
 
     ``ray_indices [K]`` must be non-decreasing. Exclusive: each sample's sum leaves itself out.
+    ``first [K]``: index of each sample's ray's first sample (:attr:`PackedSamples.first`), if known.
     """
-    total = torch.cumsum(values.double(), dim=0)
-    before = total - values.double()  # sum of everything before each sample
-    # Index of the first sample of each sample's ray: searchsorted on the sorted ray ids.
-    first = torch.searchsorted(ray_indices, ray_indices)
+    values = values.double()
+    total = torch.cumsum(values, dim=0)
+    before = total - values  # sum of everything before each sample
+    if first is None:  # searchsorted on the sorted ray ids
+        first = torch.searchsorted(ray_indices, ray_indices)
     base = before[first]
     return (before if exclusive else total) - base
 
@@ -67,7 +77,7 @@ def depth_at_opacity(weights: Tensor, samples: PackedSamples, level: float) -> T
     (0 where the ray never gets that opaque).
     """
     rays, n_rays = samples.ray_indices, samples.n_rays
-    reached = segment_cumsum(weights, rays, exclusive=False) >= level
+    reached = segment_cumsum(weights, rays, exclusive=False, first=samples.first) >= level
     order = torch.arange(rays.shape[0], device=rays.device)
     no_sample = rays.shape[0]
     first = torch.full((n_rays,), no_sample, device=rays.device, dtype=torch.long)
@@ -90,7 +100,7 @@ def composite_packed(
     """
     rays, n_rays = samples.ray_indices, samples.n_rays
     optical_depth = sigmas.float() * (samples.t_ends - samples.t_starts)
-    transmittance = torch.exp(-segment_cumsum(optical_depth, rays, exclusive=True)).float()
+    transmittance = torch.exp(-segment_cumsum(optical_depth, rays, exclusive=True, first=samples.first)).float()
     sample_alpha = 1.0 - torch.exp(-optical_depth)
     weights = transmittance * sample_alpha
     t_mid = samples.t_mid
@@ -107,7 +117,7 @@ def composite_packed(
             counted = weights
             if solid_alpha > 0:  # composite again without the haze, as if it were not there
                 solid = optical_depth * (sample_alpha >= solid_alpha)
-                counted = torch.exp(-segment_cumsum(solid, rays, exclusive=True)) * (1.0 - torch.exp(-solid))
+                counted = torch.exp(-segment_cumsum(solid, rays, exclusive=True, first=samples.first)) * (1.0 - torch.exp(-solid))
             out["depth_surface"] = depth_at_opacity(counted, samples, surface_opacity)
     return out
 
@@ -121,7 +131,7 @@ def visible_samples(sigmas: Tensor, samples: PackedSamples, early_stop_eps: floa
     can skip them (instant-ngp and nerfacc stop rays the same way).
     """
     optical_depth = sigmas.float() * (samples.t_ends - samples.t_starts)
-    transmittance = torch.exp(-segment_cumsum(optical_depth, samples.ray_indices, exclusive=True))
+    transmittance = torch.exp(-segment_cumsum(optical_depth, samples.ray_indices, exclusive=True, first=samples.first))
     return transmittance > early_stop_eps
 
 
@@ -136,7 +146,7 @@ def distortion_loss(weights: Tensor, samples: PackedSamples, scale: float) -> Te
     rays = samples.ray_indices
     mid = samples.t_mid / scale
     width = (samples.t_ends - samples.t_starts) / scale
-    before_w = segment_cumsum(weights, rays, exclusive=True).float()
-    before_wm = segment_cumsum(weights * mid, rays, exclusive=True).float()
+    # Both running sums in one pass (one launch each for the cast, cumsum and gather, not two).
+    before_w, before_wm = segment_cumsum(torch.stack([weights, weights * mid], -1), rays, True, samples.first).float().unbind(-1)
     per_sample = 2.0 * weights * (mid * before_w - before_wm) + weights**2 * width / 3.0
     return per_sample.sum() / max(samples.n_rays, 1)

@@ -12,6 +12,7 @@ same end with an error map; masks are cheaper and we have them.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -35,22 +36,35 @@ class TrainingPixels:
     object_pixels: Tensor
     object_fraction: float
 
+    @functools.cached_property
+    def rect_areas(self) -> Tensor:
+        """Pixels in each frame's rectangle ``[T]`` (float): how uniform rays are shared out."""
+        return ((self.rects[:, 2] - self.rects[:, 0]) * (self.rects[:, 3] - self.rects[:, 1])).float()
+
     def pick(self, n_rays: int, width: int, height: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         """``n_rays`` pixels → frame ``[n]``, u ``[n]``, v ``[n]`` (int64): object ones first."""
         n_object = round(n_rays * self.object_fraction) if self.object_pixels.numel() else 0
         n_uniform = n_rays - n_object
         device = self.rects.device
-        flat = self.object_pixels[torch.randint(self.object_pixels.numel() or 1, (n_object,), device=device, generator=generator)]
-        frames, v, u = flat // (width * height), flat // width % height, flat % width
+        parts: list[tuple[Tensor, Tensor, Tensor]] = []
+        # Each branch runs only when it draws rays: a step is paced by launching kernels, and
+        # empty tensors cost a launch each all the same.
+        if n_object:
+            flat = self.object_pixels[torch.randint(self.object_pixels.numel(), (n_object,), device=device, generator=generator)]
+            parts.append((flat // (width * height), flat % width, flat // width % height))
         if n_uniform:
-            area = ((self.rects[:, 2] - self.rects[:, 0]) * (self.rects[:, 3] - self.rects[:, 1])).float()
-            pick = torch.multinomial(area, n_uniform, replacement=True, generator=generator)
+            pick = torch.multinomial(self.rect_areas, n_uniform, replacement=True, generator=generator)
             rect = self.rects[pick]
             uv01 = torch.rand(n_uniform, 2, device=device, generator=generator)
             u_rect = (rect[:, 0] + (uv01[:, 0] * (rect[:, 2] - rect[:, 0])).long()).clamp(max=width - 1)
             v_rect = (rect[:, 1] + (uv01[:, 1] * (rect[:, 3] - rect[:, 1])).long()).clamp(max=height - 1)
-            frames = torch.cat([frames, self.frame_ids[pick]])
-            u, v = torch.cat([u, u_rect]), torch.cat([v, v_rect])
+            parts.append((self.frame_ids[pick], u_rect, v_rect))
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:  # no rays asked for
+            empty = torch.zeros(0, dtype=torch.int64, device=device)
+            return empty, empty, empty
+        frames, u, v = (torch.cat(column) for column in zip(*parts))
         return frames, u, v
 
 
