@@ -55,8 +55,7 @@ class PackedSamples:
 
 
 def segment_cumsum(values: Tensor, ray_indices: Tensor, exclusive: bool, first: Tensor | None = None) -> Tensor:
-    """Running sum of ``values [K]`` (or ``[K, C]``, per column) within each ray's run of samples
-    → the same shape, float64.
+    """Running sum of ``values [K]`` within each ray's run of samples → ``[K]`` (float64).
 
     ``ray_indices [K]`` must be non-decreasing. Exclusive: each sample's sum leaves itself out.
     ``first [K]``: index of each sample's ray's first sample (:attr:`PackedSamples.first`), if known.
@@ -146,7 +145,9 @@ def distortion_loss(weights: Tensor, samples: PackedSamples, scale: float) -> Te
     rays = samples.ray_indices
     mid = samples.t_mid / scale
     width = (samples.t_ends - samples.t_starts) / scale
-    # Both running sums in one pass (one launch each for the cast, cumsum and gather, not two).
-    before_w, before_wm = segment_cumsum(torch.stack([weights, weights * mid], -1), rays, True, samples.first).float().unbind(-1)
+    # Two 1-D running sums, not one over a stacked [K, 2]: CUDA scans a 1-D tensor in parallel but
+    # an outer dimension one column per thread, and the stacked form doubled the H100's training time.
+    before_w = segment_cumsum(weights, rays, exclusive=True, first=samples.first).float()
+    before_wm = segment_cumsum(weights * mid, rays, exclusive=True, first=samples.first).float()
     per_sample = 2.0 * weights * (mid * before_w - before_wm) + weights**2 * width / 3.0
     return per_sample.sum() / max(samples.n_rays, 1)
