@@ -3,16 +3,15 @@ harmonics for view directions, and the truncated exponential used for density.
 
 Everything here is vectorised over points and levels (no per-sample Python loops) and runs
 the same on CPU and CUDA; on CUDA the encoding can instead run as two fused Triton kernels
-(``tasks/nerf/hashgrid_triton.py``, ``nerf.encoding_kernel``). The hash follows instant-ngp (Müller et al. 2022): corner
-``(x, y, z)`` of a level goes to ``(x * 1 ^ y * 2654435761 ^ z * 805459861) mod T``; coarse
-levels whose ``(res + 1)^3`` corners fit in ``T`` entries are indexed densely instead (no
-collisions there).
+(``tasks/nerf/hashgrid_triton.py``, ``nerf.encoding_kernel``). The hash follows instant-ngp
+(Müller et al. 2022): corner ``(x, y, z)`` of a level goes to
+``(x * 1 ^ y * 2654435761 ^ z * 805459861) mod T``; coarse levels whose ``(res + 1)^3`` corners
+fit in ``T`` entries are indexed densely instead (no collisions there).
 """
 
 from __future__ import annotations
 
 import math
-
 import warnings
 
 import torch

@@ -30,8 +30,13 @@ def _corner(ix, iy, iz, fx, fy, fz, corner: tl.constexpr, stride, dense, size, o
 
 
 @triton.jit
-def _cells(points_ptr, rows, valid, level, resolutions_ptr):
-    """Cell corner (int64) and position inside the cell (float32) of each point, per axis."""
+def _level_cells(points_ptr, resolutions_ptr, sizes_ptr, offsets_ptr, n_points, n_dense, BLOCK: tl.constexpr):
+    """This program's points and level: rows (int64), their mask, the level, each point's cell
+    corner (int64) and position inside the cell (float32) per axis, the level's dense-index stride,
+    table size and first row, and whether it is indexed densely."""
+    level = tl.program_id(1)
+    rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    valid = rows < n_points
     res = tl.load(resolutions_ptr + level)
     res_f = res.to(tl.float32)
     px = tl.minimum(tl.maximum(tl.load(points_ptr + rows * 3 + 0, mask=valid, other=0.0), 0.0), 1.0) * res_f
@@ -41,7 +46,10 @@ def _cells(points_ptr, rows, valid, level, resolutions_ptr):
     cx = tl.minimum(tl.floor(px), res_f - 1.0)
     cy = tl.minimum(tl.floor(py), res_f - 1.0)
     cz = tl.minimum(tl.floor(pz), res_f - 1.0)
-    return cx.to(tl.int64), cy.to(tl.int64), cz.to(tl.int64), px - cx, py - cy, pz - cz, res + 1
+    size = tl.load(sizes_ptr + level)
+    offset = tl.load(offsets_ptr + level)
+    return (rows, valid, level, cx.to(tl.int64), cy.to(tl.int64), cz.to(tl.int64), px - cx, py - cy, pz - cz,
+            res + 1, size, offset, level < n_dense)
 
 
 @triton.jit
@@ -49,13 +57,8 @@ def encode_forward(
     points_ptr, table_ptr, out_ptr, resolutions_ptr, sizes_ptr, offsets_ptr, n_points, n_dense,
     N_LEVELS: tl.constexpr, FEATURES: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    level = tl.program_id(1)
-    rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-    valid = rows < n_points
-    ix, iy, iz, fx, fy, fz, stride = _cells(points_ptr, rows, valid, level, resolutions_ptr)
-    size = tl.load(sizes_ptr + level)
-    offset = tl.load(offsets_ptr + level)
-    dense = level < n_dense
+    rows, valid, level, ix, iy, iz, fx, fy, fz, stride, size, offset, dense = _level_cells(
+        points_ptr, resolutions_ptr, sizes_ptr, offsets_ptr, n_points, n_dense, BLOCK)
     columns = tl.arange(0, FEATURES)
     acc = tl.zeros((BLOCK, FEATURES), dtype=tl.float32)
     for corner in tl.static_range(8):
@@ -73,13 +76,8 @@ def encode_backward(
 ):
     """The table's gradient (atomic adds into ``grad_table``) and, with ``POINT_GRAD``, the points'
     (added into ``grad_points [N, 3]`` over the levels)."""
-    level = tl.program_id(1)
-    rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
-    valid = rows < n_points
-    ix, iy, iz, fx, fy, fz, stride = _cells(points_ptr, rows, valid, level, resolutions_ptr)
-    size = tl.load(sizes_ptr + level)
-    offset = tl.load(offsets_ptr + level)
-    dense = level < n_dense
+    rows, valid, level, ix, iy, iz, fx, fy, fz, stride, size, offset, dense = _level_cells(
+        points_ptr, resolutions_ptr, sizes_ptr, offsets_ptr, n_points, n_dense, BLOCK)
     columns = tl.arange(0, FEATURES)
     grad = tl.load(grad_out_ptr + rows[:, None] * (N_LEVELS * FEATURES) + level * FEATURES + columns[None, :],
                    mask=valid[:, None], other=0.0)

@@ -17,6 +17,7 @@ kernels on the CPU, which is how CI tests them.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -38,8 +39,11 @@ def triton_available(device: torch.device) -> bool:
 _BLOCK = 128
 
 
+@functools.cache
 def _kernels():
-    """The kernels module, imported on first use (it imports triton)."""
+    """The kernels module, imported on first use (it imports triton), once."""
+    if importlib.util.find_spec("triton") is None:
+        raise RuntimeError("the fused hash encoding needs triton (it ships with PyTorch's CUDA wheels)")
     return importlib.import_module("tasks.nerf.hashgrid_kernels")
 
 
@@ -82,8 +86,6 @@ def encode_fused(
     resolutions, sizes, offsets ``[L]`` int64: each level's cells across, table rows and first
     row; levels below ``n_dense`` are indexed densely, the others hashed.
     """
-    if importlib.util.find_spec("triton") is None:
-        raise RuntimeError("the fused hash encoding needs triton (it ships with PyTorch's CUDA wheels)")
     features = table.shape[1]
     if features & (features - 1):
         raise ValueError(f"the fused hash encoding needs a power-of-two features_per_level, got {features}")
