@@ -141,14 +141,14 @@ def _colorize(field, vertices, faces, settings: MeshSettings, voxel: float, devi
     t0 = time.perf_counter()
     normals = geo.vertex_normals(vertices, faces)
 
-    def shade_fn(points: np.ndarray, point_normals: np.ndarray) -> np.ndarray:
+    def shade_fn(points, point_normals):
         return shade(
             field, points, point_normals, settings.color_views, settings.color_cone_deg,
             settings.color_ray_samples, settings.color_ray_half_voxels * voxel, settings.chunk_points, device,
             shared_ray=settings.color_shared_ray,
         )
 
-    out = {"vertices": vertices, "faces": faces, "normals": normals, "colors": shade_fn(vertices, normals)}
+    out = {"vertices": vertices, "faces": faces, "normals": normals, "colors": shade_fn(vertices, normals).cpu().numpy()}
     timings["color"] = timings.get("color", 0.0) + time.perf_counter() - t0
     if settings.texture_size <= 0:
         return out
@@ -167,7 +167,7 @@ def _colorize(field, vertices, faces, settings: MeshSettings, voxel: float, devi
         timings["unwrap"] = timings.get("unwrap", 0.0) + t1 - t0
         image, coverage = bake_texture(
             vertices[vmap], normals[vmap], uv_faces, uv, settings.texture_size, shade_fn,
-            settings.texture_dilate_px, settings.raster_chunk_texels,
+            settings.texture_dilate_px, settings.raster_chunk_texels, device,
         )
         timings["bake"] = timings.get("bake", 0.0) + time.perf_counter() - t1
         out.update(vmap=vmap, uv_faces=uv_faces, uv=uv, image=image, coverage=coverage)
