@@ -130,3 +130,24 @@ def test_bake_texture_paints_each_triangle_with_its_colour():
     image, coverage = bake_texture(vertices, normals, faces, uv, 64, by_side, dilate_px=2, chunk_texels=100)
     assert image.shape == (64, 64, 3) and 0.3 < coverage < 0.45
     assert np.allclose(image[50, 8], [1, 0, 0]) and np.allclose(image[50, 40], [0, 1, 0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bake_on_the_gpu_matches_the_cpu():
+    # A 6×6 grid of quads in UV over a bumpy sheet: neighbours share edges, so every texel has one colour.
+    rng = np.random.default_rng(5)
+    u, v = np.meshgrid(np.linspace(0.02, 0.98, 7), np.linspace(0.02, 0.98, 7))
+    uv = np.stack([u.ravel(), v.ravel()], 1)
+    vertices = np.concatenate([uv, rng.normal(scale=0.1, size=(49, 1))], 1)
+    normals = np.tile([[0.0, 0.0, 1.0]], (49, 1))
+    quads = np.array([[r * 7 + c, r * 7 + c + 1, (r + 1) * 7 + c + 1, (r + 1) * 7 + c] for r in range(6) for c in range(6)])
+    faces = np.concatenate([quads[:, [0, 1, 2]], quads[:, [0, 2, 3]]])
+
+    def colour(points: torch.Tensor, point_normals: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(5 * points + point_normals)
+
+    on_cpu, covered_cpu = bake_texture(vertices, normals, faces, uv, 128, colour, 4, 5000, "cpu")
+    on_gpu, covered_gpu = bake_texture(vertices, normals, faces, uv, 128, colour, 4, 5000, "cuda")
+    assert covered_gpu == covered_cpu
+    np.testing.assert_allclose(on_gpu, on_cpu, atol=1e-5)
