@@ -74,9 +74,11 @@ def face_areas(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
 
 
 def drop_unused_vertices(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Keep only referenced vertices; faces re-indexed."""
-    used, inverse = np.unique(faces.ravel(), return_inverse=True)
-    return vertices[used], inverse.reshape(-1, 3)
+    """Keep only referenced vertices (in their order); faces re-indexed."""
+    used = np.zeros(len(vertices), dtype=bool)
+    used[faces.ravel()] = True  # a sort-free np.unique: a million-face mesh's cleaning is host time
+    new_index = np.cumsum(used) - 1
+    return vertices[used], new_index[faces]
 
 
 def keep_main_components(vertices: np.ndarray, faces: np.ndarray, min_fraction: float) -> tuple[np.ndarray, np.ndarray, int]:
@@ -93,8 +95,8 @@ def keep_main_components(vertices: np.ndarray, faces: np.ndarray, min_fraction: 
     area = np.bincount(face_label, weights=face_areas(vertices, faces), minlength=count)
     keep_label = area >= min_fraction * area.max()
     vertices, faces = drop_unused_vertices(vertices, faces[keep_label[face_label]])
-    present = np.unique(face_label)
-    return vertices, faces, int(len(present) - keep_label[present].sum())
+    present = np.bincount(face_label, minlength=count) > 0
+    return vertices, faces, int((present & ~keep_label).sum())
 
 
 def load_hull(hull_json: Path) -> dict:
