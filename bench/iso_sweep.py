@@ -23,7 +23,6 @@ from bench.records import load_records, run_parser
 from flows.config import compose_config
 from tasks import mesh_geometry as geo
 from tasks.mesh import MeshSettings
-from tasks.mesh_decimate import decimate
 from tasks.mesh_surface import clean_surface, meshing_box
 from tasks.mesh_iso import choose_iso_level, silhouette_iou
 from tasks.nerf.base import get_backend
@@ -49,7 +48,7 @@ def sweep(run: Path, turntable: Path, overrides: list[str], device: str) -> list
         except geo.EmptyFieldError:
             continue
         v, f, _ = clean_surface(v, f, masks, settings, settings.hull_cull)
-        v, f = decimate(v, f, settings.max_triangles)
+        v, f = geo.decimate(v, f, settings.max_triangles)
         estimate = trimesh.Trimesh(vertices=s * v @ R.T + t, faces=f, process=False)
         row = {"level": level, "silhouette_iou": round(scores.get(level, float("nan")), 4), "chosen": level == chosen}
         row.update(quality.rounded_geometry(estimate, turntable / "truth" / "mesh.ply"))

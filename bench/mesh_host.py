@@ -1,11 +1,12 @@
 """What a machine's host CPU gives the mesh stage: its CPU quota, how work scales over processes,
-and decimation of a big marching-cubes surface in one pass and in pieces.
+and one-pass decimation of a big marching-cubes surface.
 
-    python -m bench.mesh_host [--resolution 400] [--out host.json]
+    python -m bench.mesh_host [--resolution 480] [--out host.json]
 
-The surface is a bumpy sphere's marching cubes (``--resolution`` 400: about 1.3 million faces,
+The surface is a bumpy sphere's marching cubes (``--resolution`` 480: about 1.3 million faces,
 like a fused basket's 1.4 million). No GPU, field or bench data is needed, so the figures separate
-the host from the rest of the mesh stage.
+the host from the rest of the mesh stage. (Session 11's call 3 also timed decimation in pieces on
+every core, with the version of this tool at commit 5ad6bbe; that path was dropped.)
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from typing import Any
 import numpy as np
 from skimage.measure import marching_cubes
 
-from tasks import mesh_decimate
-from tasks.mesh_unwrap import partition_faces
+from tasks import mesh_geometry as geo
 
 _BUSY = "import time; t = time.perf_counter(); s = sum(i * i for i in range(3_000_000)); print(time.perf_counter() - t)"
 
@@ -57,40 +57,16 @@ def bumpy_sphere(resolution: int) -> tuple[np.ndarray, np.ndarray]:
     return vertices.astype(np.float64), faces.astype(np.int64)
 
 
-def decimation(vertices: np.ndarray, faces: np.ndarray, target: int, parts: int) -> dict[str, float]:
-    """Seconds of one pass, and of the piece path's steps (partition, the children, the last pass)."""
-    out = {}
+def decimation_seconds(vertices: np.ndarray, faces: np.ndarray, target: int) -> float:
+    """Seconds of the mesh stage's one-pass quadric decimation down to ``target`` faces."""
     started = time.perf_counter()
-    mesh_decimate.decimate(vertices, faces, target)
-    out["one_pass"] = time.perf_counter() - started
-    started = time.perf_counter()
-    partition_faces(vertices, faces, parts)
-    out["partition"] = time.perf_counter() - started
-    children = mesh_decimate._run_children
-    spent = {}
-
-    def timed(jobs, timeout_s):
-        t = time.perf_counter()
-        children(jobs, timeout_s)
-        spent["children"] = time.perf_counter() - t
-
-    mesh_decimate._run_children = timed
-    try:
-        started = time.perf_counter()
-        v, f = mesh_decimate.decimate_pieces(vertices, faces, int(target * 1.5), parts)
-        out["pieces_total"] = time.perf_counter() - started
-    finally:
-        mesh_decimate._run_children = children
-    out["children"] = spent["children"]
-    started = time.perf_counter()
-    mesh_decimate.decimate(v, f, target)
-    out["last_pass"] = time.perf_counter() - started
-    return {k: round(s, 3) for k, s in out.items()}
+    geo.decimate(vertices, faces, target)
+    return round(time.perf_counter() - started, 3)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--resolution", type=int, default=400)
+    parser.add_argument("--resolution", type=int, default=480)
     parser.add_argument("--target", type=int, default=100000)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -99,9 +75,7 @@ def main() -> None:
     result["process_scaling_s"] = process_scaling(tuple(sorted({1, 2, max(1, cores // 2), cores})))
     vertices, faces = bumpy_sphere(args.resolution)
     result["faces"] = len(faces)
-    parts = mesh_decimate.piece_count(len(faces), 100000)
-    result["parts"] = parts
-    result["decimation_s"] = decimation(vertices, faces, args.target, parts)
+    result["decimation_one_pass_s"] = decimation_seconds(vertices, faces, args.target)
     result["quota_after"] = cpu_quota()["cpu.stat"]
     text = json.dumps(result, indent=1)
     print(text)

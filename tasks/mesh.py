@@ -26,7 +26,6 @@ import cv2
 import numpy as np
 
 from tasks import mesh_geometry as geo
-from tasks.mesh_decimate import decimate, piece_count
 from tasks.mesh_fusion import FusionSettings
 from tasks.mesh_export import Z_UP_TO_Y_UP, estimate_glb_bytes, glb_bytes, write_obj
 from tasks.mesh_surface import clean_surface, meshing_box, product_surface
@@ -92,9 +91,6 @@ class MeshSettings:
     color_shared_ray: bool = True
     unwrap_pack_scale: float = 0.5
     unwrap_faces_per_part: int = 1500
-    decimate_faces_per_part: int = 100000
-    decimate_piece_margin: float = 1.5
-    decimate_timeout_s: float = 120.0
     usdz: bool = True
     fusion: FusionSettings = dataclass_field(default_factory=FusionSettings)
 
@@ -130,10 +126,6 @@ class MeshSettings:
             bad("unwrap_faces_per_part", "use 0 (one piece) or a positive face count")
         if not 0.0 < self.unwrap_pack_scale <= 1.0:
             bad("unwrap_pack_scale", "must be within (0, 1]")
-        if self.decimate_faces_per_part < 0:
-            bad("decimate_faces_per_part", "use 0 (the whole mesh in one pass) or a positive face count")
-        if self.decimate_piece_margin < 1.0:
-            bad("decimate_piece_margin", "use at least 1 (the pieces keep this many times their share of the triangles)")
 
 
 def _encode(image_field: np.ndarray, size: int, fmt: str, quality: int, field_space: str) -> bytes:
@@ -314,8 +306,7 @@ def extract_mesh(
     fmt, quality, size = settings.texture_format, settings.jpeg_quality, settings.texture_size
     for rounds in range(1, settings.budget_max_rounds + 1):
         clock = time.perf_counter()
-        v, f = decimate(vertices, faces, target, piece_count(len(faces), settings.decimate_faces_per_part),
-                        settings.decimate_piece_margin, settings.decimate_timeout_s)
+        v, f = geo.decimate(vertices, faces, target)
         lap("decimation")
         colored = _colorize(radiance, v, f, settings, voxel, device, timings)
         clock = time.perf_counter()
