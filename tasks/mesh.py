@@ -90,7 +90,7 @@ class MeshSettings:
     texture_bits_per_texel: float = 1.5
     color_shared_ray: bool = True
     unwrap_pack_scale: float = 0.5
-    unwrap_faces_per_part: int = 1500
+    unwrap_faces_per_part: int = 750
     usdz: bool = True
     fusion: FusionSettings = dataclass_field(default_factory=FusionSettings)
 
