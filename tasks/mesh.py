@@ -86,6 +86,7 @@ class MeshSettings:
     min_texture_size: int = 1024
     min_triangles: int = 20000
     budget_max_rounds: int = 2
+    budget_gives_way: str = "texture"
     glb_quantize: bool = True
     texture_bits_per_texel: float = 1.5
     color_shared_ray: bool = True
@@ -118,6 +119,8 @@ class MeshSettings:
             bad("min_jpeg_quality", f"need 0 < min_jpeg_quality <= jpeg_quality ({self.jpeg_quality}) <= 100")
         if not 0.0 <= self.hull_vote_fraction <= 1.0:
             bad("hull_vote_fraction", "must be within 0..1")
+        if self.budget_gives_way not in ("texture", "triangles"):
+            bad("budget_gives_way", "choose 'texture' (JPEG quality and size shrink first) or 'triangles'")
         if self.budget_max_rounds not in (1, 2):
             bad("budget_max_rounds", "use 1 or 2 (each round unwraps and bakes once)")
         if self.texture_bits_per_texel <= 0:
@@ -222,13 +225,15 @@ def plan_triangles(settings: MeshSettings, clean_triangles: int) -> tuple[int, d
     return target, {"triangles": target, "estimated_glb_bytes": estimate(target), "estimated_texture_bytes": texture}
 
 
-def _fit_texture(arrays: dict, colored: dict, settings: MeshSettings, adjustments: list[str], start: tuple):
+def _fit_texture(arrays: dict, colored: dict, settings: MeshSettings, adjustments: list[str], start: tuple,
+                 floor: tuple[int, int]):
     """GLB bytes of one geometry with the best texture encoding that fits the budget.
 
     Walks down from ``start`` = (format, quality, size) (png → jpeg, quality in steps of 10 to
-    min_jpeg_quality, halving to min_texture_size) only as far as needed; geometry is fixed.
+    ``floor``'s quality, halving to its size) only as far as needed; geometry is fixed.
     Returns (glb, texture bytes or None, format, quality, size).
     """
+    min_quality, min_size = floor
     fmt, quality, size = start
     texture = None
     while True:
@@ -245,10 +250,10 @@ def _fit_texture(arrays: dict, colored: dict, settings: MeshSettings, adjustment
         if fmt == "png":
             fmt = "jpeg"
             adjustments.append("texture_format png -> jpeg")
-        elif quality > settings.min_jpeg_quality:
-            quality = max(settings.min_jpeg_quality, quality - 10)
+        elif quality > min_quality:
+            quality = max(min_quality, quality - 10)
             adjustments.append(f"jpeg_quality -> {quality}")
-        elif size // 2 >= settings.min_texture_size:
+        elif size // 2 >= min_size:
             size //= 2
             adjustments.append(f"texture_size -> {size}")
         else:
@@ -304,15 +309,24 @@ def extract_mesh(
         adjustments.append(f"max_triangles -> {target} (planned)")
     rounds = 0
     fmt, quality, size = settings.texture_format, settings.jpeg_quality, settings.texture_size
+    source = (vertices, faces)
     for rounds in range(1, settings.budget_max_rounds + 1):
         clock = time.perf_counter()
-        v, f = geo.decimate(vertices, faces, target)
+        v, f = geo.decimate(*source, target)
+        # A second round only trims a few percent: from this round's mesh, not the million-face surface
+        # again (the basket's second decimation took ~2 s of host time for that).
+        source = (v, f)
         lap("decimation")
         colored = _colorize(radiance, v, f, settings, voxel, device, timings)
         clock = time.perf_counter()
         arrays = _export_arrays(colored)
-        # A second round starts from the first's encoding: the texture gave way before triangles were cut.
-        glb, texture, fmt, quality, size = _fit_texture(arrays, colored, settings, adjustments, (fmt, quality, size))
+        # budget_gives_way=triangles: the texture keeps its quality and size while a later round can
+        # still cut triangles; otherwise (and in the last round) it gives way first. A second round
+        # starts from the first's encoding.
+        floor = (settings.min_jpeg_quality, settings.min_texture_size)
+        if settings.budget_gives_way == "triangles" and rounds < settings.budget_max_rounds and len(f) > settings.min_triangles:
+            floor = (quality, size)
+        glb, texture, fmt, quality, size = _fit_texture(arrays, colored, settings, adjustments, (fmt, quality, size), floor)
         lap("export")
         if len(glb) <= settings.max_glb_bytes:
             break
@@ -329,7 +343,8 @@ def extract_mesh(
             )
         target = max(new_target, settings.min_triangles)
         adjustments.append(f"max_triangles -> {target}")
-    adjustments.sort(key=lambda step: step.startswith("max_triangles"))  # priority order: texture first
+    if settings.budget_gives_way == "texture":
+        adjustments.sort(key=lambda step: step.startswith("max_triangles"))  # priority order: texture first
 
     glb_path = out_dir / "model.glb"
     glb_path.write_bytes(glb)

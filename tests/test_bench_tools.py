@@ -290,3 +290,45 @@ def test_visibility_figure_marks_what_no_camera_sees_red(tmp_path):
     assert Image.open(out).size == (4 * 64, 2 * 64)
     red, green = pixels[:, 0] - pixels[:, 1] > 80, pixels[:, 1] - pixels[:, 0] > 50  # shaded, so only the hue is sure
     assert red.mean() > 0.02 and green.mean() > 0.02
+
+
+def test_texture_ceiling_compares_the_glbs_texture_with_the_colour_at_each_point(tmp_path):
+    """bench.texture_ceiling lifts each rendered pixel to its surface point: a GLB carrying the true
+    texture scores high, one carrying the inverted texture low (quantised UVs read back right)."""
+    pytest.importorskip("pyrender")
+    import io
+    import json
+
+    from PIL import Image
+
+    from bench import quality
+    from bench.texture_ceiling import TrueColourField, texture_psnr
+    from tasks.mesh_export import Z_UP_TO_Y_UP, glb_bytes
+
+    # A 1 × 1 textured square at z = 0 in the truth's world (= the field's here), 8 × 8 checker.
+    vertices = np.array([[-0.5, -0.5, 0.0], [0.5, -0.5, 0.0], [0.5, 0.5, 0.0], [-0.5, 0.5, 0.0]])
+    faces = np.array([[0, 1, 2], [0, 2, 3]])
+    uv = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    cells = (np.add.outer(np.arange(256) // 32, np.arange(256) // 32) % 2).astype(np.uint8)
+    checker = np.stack([cells * 200 + 30, cells * 60 + 100, 230 - cells * 180], -1).astype(np.uint8)
+    material = trimesh.visual.material.PBRMaterial(baseColorTexture=Image.fromarray(checker), baseColorFactor=[255] * 4)
+    square = trimesh.Trimesh(vertices, faces, visual=trimesh.visual.TextureVisuals(uv=uv, material=material), process=False)
+    field = TrueColourField(square, np.eye(4), samples=400_000)
+
+    truth = tmp_path / "tt" / "truth"
+    truth.mkdir(parents=True)
+    pose = np.eye(4)
+    pose[2, 3] = 1.5  # looking down -z at the square
+    (truth / "cameras.json").write_text(json.dumps({"fl_x": 150.0, "fl_y": 150.0, "cx": 80.0, "cy": 60.0, "w": 160, "h": 120,
+                                                    "frames": [{"index": 0, "transform_matrix": pose.tolist()}]}))
+    glb_to_field = np.block([[quality.Y_UP_TO_Z_UP, np.zeros((3, 1))], [np.zeros((1, 3)), np.ones((1, 1))]])
+    scores = {}
+    for name, image in (("true", checker), ("inverted", 255 - checker)):
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        glb = tmp_path / f"{name}.glb"
+        glb.write_bytes(glb_bytes(vertices @ Z_UP_TO_Y_UP.T, np.tile([[0.0, 1.0, 0.0]], (4, 1)), faces, 0.7, uv=uv,
+                                  texture=buf.getvalue(), texture_mime="image/png", quantize=True))
+        scores[name] = texture_psnr(glb, field, glb_to_field, tmp_path / "tt", np.eye(4), views=1, scale=1.0)["texture_psnr"]
+    field.close()
+    assert scores["true"] > 20.0 > 8.0 > scores["inverted"]

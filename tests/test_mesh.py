@@ -245,6 +245,27 @@ def test_glb_budget_lowers_texture_then_triangles(tmp_path, monkeypatch):
     assert metrics["triangles"] < settings.max_triangles and metrics["texture_format"] == "jpeg"
 
 
+def test_glb_budget_can_cut_triangles_before_the_texture(tmp_path, monkeypatch):
+    """budget_gives_way=triangles: the first round keeps the JPEG quality and size; the second
+    re-plans triangles from the measured texture (decimating the first round's mesh)."""
+    calls = count_unwraps(monkeypatch)
+    monkeypatch.setattr(mesh_stage, "plan_triangles", lambda settings, n: (settings.max_triangles, {}))
+    settings = replace(FAST, texture_format="jpeg", jpeg_quality=90, min_jpeg_quality=50, max_glb_bytes=60_000,
+                       unwrap_in_subprocess=False, budget_gives_way="triangles")
+    asset = run(tmp_path, SPHERE, settings)
+    metrics = json.loads(asset.metrics.read_text())
+    assert len(calls) == 2 and calls[0] == settings.max_triangles and calls[1] == metrics["triangles"] < calls[0]
+    steps = metrics["budget_adjustments"]
+    assert steps[0].startswith("max_triangles")  # no texture step before the triangle cut
+    assert asset.glb.stat().st_size <= settings.max_glb_bytes
+    assert metrics["texture_size"] == settings.texture_size
+
+
+def test_bad_budget_order_names_the_key():
+    with pytest.raises(ValueError, match="mesh.budget_gives_way='geometry'"):
+        replace(FAST, budget_gives_way="geometry")
+
+
 def test_budget_gives_up_after_two_unwraps(tmp_path, monkeypatch):
     calls = count_unwraps(monkeypatch)
     monkeypatch.setattr(mesh_stage, "plan_triangles", lambda settings, n: (settings.max_triangles, {}))
@@ -386,7 +407,8 @@ def test_web_preset_meets_the_commerce_budget(tmp_path, monkeypatch):
     asset = extract_mesh(field, masks, tmp_path / "mesh", settings, fingerprint="fp-web")
     metrics = json.loads(asset.metrics.read_text())
     assert metrics["triangles_marching_cubes"] > 750_000
-    assert 0.9 * settings.max_triangles < metrics["triangles"] <= 100_000
+    # Triangles give way first (budget_gives_way=triangles), never below the preset's floor.
+    assert settings.budget_gives_way == "triangles" and settings.min_triangles <= metrics["triangles"] <= 100_000
     assert asset.glb.stat().st_size == metrics["glb_bytes"] <= 3_000_000
     assert len(calls) <= 2 and metrics["budget_rounds"] == len(calls)
     assert metrics["texture_size"] == 2048 and not any(s.startswith("texture_size") for s in metrics["budget_adjustments"])
