@@ -207,7 +207,8 @@ def estimate_texture_bytes(settings: MeshSettings, size: int) -> int:
 def plan_triangles(settings: MeshSettings, clean_triangles: int) -> tuple[int, dict]:
     """Triangle target decided before unwrapping: the most (≤ max_triangles) whose estimated GLB
     fits ``max_glb_bytes`` next to the texture at its floor (min_jpeg_quality, min_texture_size;
-    the texture gives way before triangles). Returns (target, a record of the estimate).
+    an optimistic plan: with ``budget_gives_way=triangles`` a miss is re-planned from the measured
+    texture in a second round). Returns (target, a record of the estimate).
     """
     textured = settings.texture_size > 0
     tex_size = min(settings.texture_size, max(settings.min_texture_size, 64)) if textured else 0
