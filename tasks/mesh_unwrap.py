@@ -43,14 +43,6 @@ def partition_faces(vertices: np.ndarray, faces: np.ndarray, parts: int) -> np.n
     return labels
 
 
-def child_env() -> dict[str, str]:
-    """Environment of a ``python -m tasks.<module>`` child: this one, with the package on its path."""
-    env = dict(os.environ)
-    package_root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    return env
-
-
 def _unwrap(
     vertices: np.ndarray, faces: np.ndarray, texture_size: int, padding_px: int, parts: int = 1
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -108,10 +100,13 @@ def unwrap(
     with tempfile.TemporaryDirectory(prefix="korokoro-unwrap-") as tmp:
         src, dst = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
         np.savez(src, vertices=vertices, faces=faces, size=texture_size, padding=padding_px, parts=parts)
+        env = dict(os.environ)
+        package_root = str(Path(__file__).resolve().parent.parent)  # so the child finds `tasks`
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         try:
             proc = subprocess.run(
                 [sys.executable, "-m", "tasks.mesh_unwrap", str(src), str(dst)],
-                env=child_env(), capture_output=True, text=True, timeout=timeout_s,
+                env=env, capture_output=True, text=True, timeout=timeout_s,
             )
         except subprocess.TimeoutExpired as err:  # subprocess.run kills its child on timeout
             raise UnwrapError(f"xatlas took over {timeout_s:.0f} s (mesh.unwrap_timeout_s)") from err
