@@ -47,15 +47,18 @@ _SAMPLES = 6_000_000  # true-surface colour samples: ~0.2 mm apart on the basket
 _NO_DENSITY = ("mesh.color_ray_samples=1", "mesh.color_views=1")
 
 
+def _textured(vertices: np.ndarray, faces: np.ndarray, uv: np.ndarray, image: Image.Image) -> trimesh.Trimesh:
+    """A trimesh with ``image`` as its base colour (``uv`` with trimesh's bottom-left origin). A PBR
+    material with a white factor: trimesh's default simple material would darken the texture."""
+    material = trimesh.visual.material.PBRMaterial(baseColorTexture=image.convert("RGB"), baseColorFactor=[255, 255, 255, 255])
+    return trimesh.Trimesh(vertices, faces, visual=trimesh.visual.TextureVisuals(uv=uv, material=material), process=False)
+
+
 def textured_scan(turntable: Path) -> trimesh.Trimesh:
     """The turntable's true scan with its texture, in the truth's metric +Z-up world."""
     meta = json.loads((turntable / "truth" / "meta.json").read_text())
     scan = load_scan(meta["object"])
-    # A PBR material with a white factor: trimesh's default simple material would darken the texture.
-    material = trimesh.visual.material.PBRMaterial(baseColorTexture=Image.open(scan.texture_path).convert("RGB"),
-                                                   baseColorFactor=[255, 255, 255, 255])
-    visual = trimesh.visual.TextureVisuals(uv=scan.uv, material=material)
-    return trimesh.Trimesh(np.asarray(scan.vertices, dtype=np.float64), np.asarray(scan.faces), visual=visual, process=False)
+    return _textured(np.asarray(scan.vertices, dtype=np.float64), np.asarray(scan.faces), scan.uv, Image.open(scan.texture_path))
 
 
 def textured_glb(glb: Path) -> trimesh.Trimesh:
@@ -64,11 +67,8 @@ def textured_glb(glb: Path) -> trimesh.Trimesh:
     data = read_glb(glb)
     if data["uv"] is None or data["image"] is None:
         raise ValueError(f"{glb} has no texture to measure (vertex colours only?)")
-    material = trimesh.visual.material.PBRMaterial(baseColorTexture=Image.open(io.BytesIO(data["image"])).convert("RGB"),
-                                                   baseColorFactor=[255, 255, 255, 255])
     uv = np.stack([data["uv"][:, 0], 1.0 - data["uv"][:, 1]], 1)  # glTF's top-left origin → trimesh's bottom-left
-    return trimesh.Trimesh(data["vertices"], data["faces"], visual=trimesh.visual.TextureVisuals(uv=uv, material=material),
-                           process=False)
+    return _textured(data["vertices"], data["faces"], uv, Image.open(io.BytesIO(data["image"])))
 
 
 class TrueColourField(TrueDepthField):
@@ -136,8 +136,7 @@ def render_unlit(mesh: trimesh.Trimesh, c2w: list[np.ndarray], intrinsics: tuple
         renderer.delete()
 
 
-def texture_psnr(glb: Path, field: TrueColourField, glb_to_field: np.ndarray, turntable: Path, to_truth: np.ndarray,
-                 views: int, scale: float) -> dict[str, float]:
+def texture_psnr(glb: Path, field: TrueColourField, turntable: Path, to_truth: np.ndarray, views: int, scale: float) -> dict[str, float]:
     """PSNR of the GLB's unlit render against the colour it was baked from, at the same surface points.
 
     Each pixel the GLB covers is lifted to its 3D point (the render's depth) and compared with the
@@ -145,7 +144,9 @@ def texture_psnr(glb: Path, field: TrueColourField, glb_to_field: np.ndarray, tu
     what is left is what the atlas loses: texel size, filtering, seams and JPEG.
     """
     estimate = textured_glb(glb)
-    estimate.apply_transform(to_truth @ glb_to_field)  # rendered from the true cameras, in the truth's world
+    y_up_to_field = np.eye(4)
+    y_up_to_field[:3, :3] = quality.Y_UP_TO_Z_UP
+    estimate.apply_transform(to_truth @ y_up_to_field)  # rendered from the true cameras, in the truth's world
     cams = load_truth_cameras(turntable / "truth")
     picked = [cams.c2w[i] for i in np.linspace(0, len(cams.c2w) - 1, views).round().astype(int)]
     w, h = round(cams.w * scale), round(cams.h * scale)
@@ -172,7 +173,6 @@ def run_variants(run: Path, turntable: Path, profile: str, variants: list[str], 
     to_truth = np.eye(4)
     to_truth[:3, :3], to_truth[:3, 3] = s * R, t
     field = _FIELDS[str(run)] = TrueColourField(textured_scan(turntable), np.linalg.inv(to_truth))
-    glb_to_field = np.block([[quality.Y_UP_TO_Z_UP, np.zeros((3, 1))], [np.zeros((1, 3)), np.ones((1, 1))]])
     rows = []
     for i, variant in enumerate(variants):
         out = run / f"texture-v{i}"
@@ -186,9 +186,9 @@ def run_variants(run: Path, turntable: Path, profile: str, variants: list[str], 
         metrics = json.loads(Path(asset.metrics).read_text())
         row: dict[str, Any] = {"variant": variant or "(preset)", "seconds": round(time.perf_counter() - started, 2),
                                "triangles": asset.triangles, "glb_bytes": metrics["glb_bytes"],
-                               "texture_coverage": metrics["texture_coverage"], "stage_seconds": metrics["seconds"]}
-        row.update({"budget_rounds": metrics["budget_rounds"], "jpeg_quality": metrics["jpeg_quality"]})
-        row.update(texture_psnr(asset.glb, field, glb_to_field, turntable, to_truth, views, scale))
+                               "texture_coverage": metrics["texture_coverage"], "stage_seconds": metrics["seconds"],
+                               "budget_rounds": metrics["budget_rounds"], "jpeg_quality": metrics["jpeg_quality"]}
+        row.update(texture_psnr(asset.glb, field, turntable, to_truth, views, scale))
         estimate = quality.glb_in_truth_frame(asset.glb, stills.index, rig.transforms, turntable / "truth")
         geometry = quality.rounded_geometry(estimate, turntable / "truth" / "mesh.ply")
         row.update({k: geometry[k] for k in ("fscore_1pct", "chamfer_of_diag")})

@@ -301,7 +301,6 @@ def test_texture_ceiling_compares_the_glbs_texture_with_the_colour_at_each_point
 
     from PIL import Image
 
-    from bench import quality
     from bench.texture_ceiling import TrueColourField, texture_psnr
     from tasks.mesh_export import Z_UP_TO_Y_UP, glb_bytes
 
@@ -321,7 +320,6 @@ def test_texture_ceiling_compares_the_glbs_texture_with_the_colour_at_each_point
     pose[2, 3] = 1.5  # looking down -z at the square
     (truth / "cameras.json").write_text(json.dumps({"fl_x": 150.0, "fl_y": 150.0, "cx": 80.0, "cy": 60.0, "w": 160, "h": 120,
                                                     "frames": [{"index": 0, "transform_matrix": pose.tolist()}]}))
-    glb_to_field = np.block([[quality.Y_UP_TO_Z_UP, np.zeros((3, 1))], [np.zeros((1, 3)), np.ones((1, 1))]])
     scores = {}
     for name, image in (("true", checker), ("inverted", 255 - checker)):
         buf = io.BytesIO()
@@ -329,6 +327,6 @@ def test_texture_ceiling_compares_the_glbs_texture_with_the_colour_at_each_point
         glb = tmp_path / f"{name}.glb"
         glb.write_bytes(glb_bytes(vertices @ Z_UP_TO_Y_UP.T, np.tile([[0.0, 1.0, 0.0]], (4, 1)), faces, 0.7, uv=uv,
                                   texture=buf.getvalue(), texture_mime="image/png", quantize=True))
-        scores[name] = texture_psnr(glb, field, glb_to_field, tmp_path / "tt", np.eye(4), views=1, scale=1.0)["texture_psnr"]
+        scores[name] = texture_psnr(glb, field, tmp_path / "tt", np.eye(4), views=1, scale=1.0)["texture_psnr"]
     field.close()
     assert scores["true"] > 20.0 > 8.0 > scores["inverted"]
