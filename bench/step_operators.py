@@ -24,6 +24,7 @@ import tasks.nerf.camera_opt as camera_opt
 import tasks.nerf.field as field
 import tasks.nerf.hashgrid as hashgrid
 import tasks.nerf.ngp as ngp
+import tasks.nerf.ngp_step as ngp_step
 from bench.records import load_records
 from flows.config import compose_config
 from tasks import train
@@ -73,25 +74,25 @@ def main() -> None:
     count = OperatorCount()
     for owner, name, part in [
         (hashgrid.HashGrid, "forward", "hashgrid"), (field, "spherical_harmonics", "sh"),
-        (field, "composite_packed", "composite"), (ngp, "distortion_loss", "distortion"),
-        (ngp, "line_of_sight_loss", "depth prior"), (field, "visible_samples", "early stop"),
+        (field, "composite_packed", "composite"), (ngp_step, "distortion_loss", "distortion"),
+        (ngp_step, "line_of_sight_loss", "depth prior"), (field, "visible_samples", "early stop"),
         (field.GridSampler, "sample", "sampler"), (ngp.OccupancyGrid, "update", "occupancy"),
         (torch.optim.Adam, "step", "adam"), (torch.Tensor, "backward", "backward"),
         (camera_opt.CameraCorrections, "apply", "cameras"), (camera_opt.CameraCorrections, "penalty", "cameras"),
-        (ngp, "render_rays", "render (rest)"), (field.NgpModel, "forward", "model (rest)"),
+        (ngp_step, "render_rays", "render (rest)"), (field.NgpModel, "forward", "model (rest)"),
         (field.NgpModel, "geometry", "model (rest)"),
     ]:
         count.label(owner, name, part)
     steps = {"n": 0}
-    draw_rays = ngp.sample_training_rays
+    draw_rays = ngp_step.sample_training_rays
 
     def step_start(*a, **k):  # every step draws its rays first
         steps["n"] += 1
         count.counting = steps["n"] in COUNTED_STEPS
         return draw_rays(*a, **k)
 
-    ngp.sample_training_rays = step_start
-    count.label(ngp, "sample_training_rays", "rays")
+    ngp_step.sample_training_rays = step_start
+    count.label(ngp_step, "sample_training_rays", "rays")
     cfg = compose_config([f"profile={args.profile}", "nerf.device=cpu", "nerf.steps=20", "nerf.occ_warmup_steps=4",
                           "nerf.occ_update_every=3", "nerf.rays_per_batch=512", "nerf.depth_rays_per_batch=64",
                           "nerf.eval_max_frames=1", "nerf.eval_train_frames=0", "nerf.save_previews=false", *args.overrides])

@@ -83,7 +83,8 @@ def _relative_rotation_errors_deg(poses: np.ndarray, truth: np.ndarray) -> np.nd
     return np.array(errors)
 
 
-def test_training_refines_cameras_knocked_off_by_a_degree_and_a_half(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_training_refines_cameras_knocked_off_by_a_degree_and_a_half(tmp_path, device):
     masks = write_scene(tmp_path / "scene")
     meta = json.loads(Path(masks.transforms).read_text())
     truth = np.array([f["transform_matrix"] for f in meta["frames"]])
@@ -98,6 +99,8 @@ def test_training_refines_cameras_knocked_off_by_a_degree_and_a_half(tmp_path):
     knocked = np.array([f["transform_matrix"] for f in meta["frames"]])
 
     settings = {**TINY, "pose_lr": 3e-3, "holdout_every": 0}
+    if device == "cuda":  # the refinement replayed from a CUDA graph (tasks/nerf/graphed.py)
+        settings.update(device="cuda", cpu_threads=0, cuda_graph_after=16)
     record = train_field(masks, tmp_path / "train", settings, "fp")
     refined_meta = json.loads((Path(record.dir) / REFINED_TRANSFORMS).read_text())
     refined = np.array([f["transform_matrix"] for f in refined_meta["frames"]])
@@ -107,6 +110,7 @@ def test_training_refines_cameras_knocked_off_by_a_degree_and_a_half(tmp_path):
     assert np.median(after) < 0.6 * np.median(before)
     extra = json.loads(Path(record.metrics).read_text())["extra"]
     assert 0.3 < extra["pose_rotation_deg_median"] < 3.0
+    assert extra["cuda_graph_captures"] >= (1 if device == "cuda" else 0)
     # Retraining without refinement removes the old poses, so the mesh stage cannot pick them up.
     train_field(masks, tmp_path / "train", {**TINY, "steps": 5, "holdout_every": 0}, "fp2")
     assert not (tmp_path / "train" / REFINED_TRANSFORMS).exists()

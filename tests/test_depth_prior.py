@@ -137,18 +137,22 @@ def test_line_of_sight_loss_is_zero_for_a_wall_at_the_point_and_counts_fog_and_g
     assert torch.all(sigma.grad[in_fog] > 0)
 
 
-def test_training_with_the_prior_puts_the_surface_at_the_points(scene):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_training_with_the_prior_puts_the_surface_at_the_points(scene, device):
     root, masks, counts = scene
     settings = dict(TINY, steps=300, depth_loss_weight=0.1, depth_rays_per_batch=128, depth_min_views=2)
-    record = train_field(masks, root / "field", settings, "fp-prior")
+    if device == "cuda":  # the prior's steps replayed from a CUDA graph (tasks/nerf/graphed.py)
+        settings.update(device="cuda", cpu_threads=0, cuda_graph_after=16)
+    record = train_field(masks, root / f"field-{device}", settings, "fp-prior")
     extra = json.loads(Path(record.metrics).read_text())["extra"]
+    assert extra["cuda_graph_captures"] >= (1 if device == "cuda" else 0)
     capture = load_capture(masks.transforms, 1, 8, torch.device("cpu"))
     training = load_sparse_depth(masks.transforms, capture, capture.train_ids, 1.0, 2)
     assert extra["depth_prior_observations"] == len(training) and extra["depth_prior_steps"] == 300
     from tasks.nerf.field import render_rays
     from tasks.nerf.base import get_backend
 
-    field = get_backend("ngp").load(record.dir)
+    field = get_backend("ngp").load(record.dir)  # on the CPU
     with torch.no_grad():
         out, _ = render_rays(field.model, field.sampler, training.origins, training.directions, jitter=False, surface_opacity=0.5)
     error = (out["depth_surface"] - training.depth).abs()
@@ -165,3 +169,20 @@ def test_prior_stops_after_its_share_of_the_steps(scene):
     settings = dict(TINY, steps=20, depth_loss_weight=0.1, depth_loss_until=0.25, depth_rays_per_batch=64, depth_min_views=2)
     record = train_field(masks, root / "field-until", settings, "fp-prior-until")
     assert json.loads(Path(record.metrics).read_text())["extra"]["depth_prior_steps"] == 5
+
+
+def test_line_of_sight_loss_over_some_rays_of_a_batch_leaves_the_others_out():
+    # Ray 0 has fog in front of its point (loss 0.4), ray 1 a clean wall at its point (loss ~0).
+    step = 0.01
+    t = torch.arange(0.0, 3.0, step) + step / 2
+    wall = torch.where(t >= 1.5, 200.0, 0.0)
+    fog_weights, _ = _one_ray(wall + torch.where((t > 0.5) & (t < 0.6), 5.1, 0.0), t, step)
+    wall_weights, _ = _one_ray(wall, t, step)
+    n = len(t)
+    samples = PackedSamples(torch.cat([torch.zeros(n), torch.ones(n)]).long(), torch.cat([t, t]) - step / 2,
+                            torch.cat([t, t]) + step / 2, 2)
+    weights = torch.cat([fog_weights, wall_weights])
+    depth = torch.tensor([1.5, 1.5])
+    assert float(line_of_sight_loss(weights, samples, depth, 0.03, rays=slice(0, 1))) == pytest.approx(0.4, abs=0.02)
+    assert float(line_of_sight_loss(weights, samples, depth, 0.03, rays=slice(1, 2))) < 5e-3
+    assert float(line_of_sight_loss(weights, samples, depth, 0.03)) == pytest.approx(0.2, abs=0.01)

@@ -89,3 +89,14 @@ def test_every_frame_of_the_pool_is_drawn():
 def test_bad_settings_name_the_setting(fraction, margin):
     with pytest.raises(ValueError, match="nerf.object_ray"):
         training_pixels(small_capture(), torch.tensor([0]), whole_frames(1), fraction, margin)
+
+
+def test_uniform_rays_share_frames_by_their_rectangles_area_and_skip_empty_ones():
+    capture = small_capture()
+    rects = torch.tensor([[0, 0, W, H], [0, 0, 0, H], [0, 0, W // 2, H]])  # full, empty, half
+    pixels = training_pixels(capture, torch.tensor([0, 1, 2]), rects, 0.0, margin_px=0)
+    frames, u, v = pixels.pick(30000, W, H, torch.Generator().manual_seed(2))
+    counts = torch.bincount(frames, minlength=3)
+    assert counts[1] == 0
+    assert abs(float(counts[0]) / float(counts[2]) - 2.0) < 0.1
+    assert bool((u[frames == 2] < W // 2).all())

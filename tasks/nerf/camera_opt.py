@@ -68,9 +68,11 @@ class CameraCorrections(nn.Module):
     def penalty(self, rotation_weight: float, translation_weight: float) -> Tensor:
         """``rotation_weight`` x mean rotation (radians) + ``translation_weight`` x mean translation
         (world units) of the trained frames' corrections (nerfstudio's regulariser: norms, not squares)."""
-        delta = self.delta[self.trained]
-        rotation = (delta[:, :3].square().sum(-1) + 1e-12).sqrt().mean()
-        translation = (delta[:, 3:].square().sum(-1) + 1e-12).sqrt().mean()
+        # A weighted mean, not delta[trained]: selecting rows waits for the GPU, which a captured
+        # training step (tasks/nerf/graphed.py) cannot.
+        weight = self.trained.to(self.delta.dtype) / self.trained.sum().clamp(min=1)
+        rotation = ((self.delta[:, :3].square().sum(-1) + 1e-12).sqrt() * weight).sum()
+        translation = ((self.delta[:, 3:].square().sum(-1) + 1e-12).sqrt() * weight).sum()
         return rotation_weight * rotation + translation_weight * translation
 
     @torch.no_grad()

@@ -8,6 +8,7 @@ rest of the backend only sees pinhole cameras.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,43 @@ def _camera_matrix(frame: dict, meta: dict, transforms: Path) -> tuple[np.ndarra
     return k, dist
 
 
+def _load_frame(
+    transforms: Path, meta: dict, downscale: int, i: int, frame: dict
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[float], str]:
+    """One frame of ``transforms``: RGB ``[H, W, 3]`` uint8, mask ``[H, W]`` bool (undistorted and
+    downscaled), camera-to-world ``[4, 4]``, intrinsics (fx, fy, cx, cy) and its name."""
+    for key in ("file_path", "mask_path", "transform_matrix"):
+        if key not in frame:
+            hint = " (run the segment stage, it adds masks)" if key == "mask_path" else ""
+            raise CaptureError(f"{transforms}: frame {i} ({frame.get('file_path', '?')}) has no {key!r}{hint}")
+    image = _read_rgb(transforms.parent / frame["file_path"], "frame")
+    mask = _read_rgb(transforms.parent / frame["mask_path"], "mask")
+    image = image[..., :3][..., ::-1] if image.ndim == 3 else np.repeat(image[..., None], 3, -1)
+    mask = mask if mask.ndim == 2 else mask[..., 0]
+    h, w = image.shape[:2]
+    if mask.shape != (h, w):
+        raise CaptureError(f"mask {frame['mask_path']} is {mask.shape[1]}x{mask.shape[0]} but its frame is {w}x{h}")
+    expected = (int(meta.get("h", h)), int(meta.get("w", w)))
+    if (h, w) != expected:
+        raise CaptureError(f"frame {frame['file_path']} is {w}x{h} but transforms.json says w={expected[1]}, h={expected[0]}")
+    k, dist = _camera_matrix(frame, meta, transforms)
+    if np.any(dist != 0):
+        # Undistort onto the same pinhole K; masks stay binary with nearest sampling.
+        map_x, map_y = cv2.initUndistortRectifyMap(k, dist, None, k, (w, h), cv2.CV_32FC1)
+        image = cv2.remap(np.ascontiguousarray(image), map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        mask = cv2.remap(mask, map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    if downscale > 1:
+        size = (w // downscale, h // downscale)
+        image = cv2.resize(np.ascontiguousarray(image), size, interpolation=cv2.INTER_AREA)
+        mask = cv2.resize(mask, size, interpolation=cv2.INTER_AREA)
+    matrix = np.asarray(frame["transform_matrix"], dtype=np.float32)
+    if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
+        raise CaptureError(f"{transforms}: frame {frame['file_path']} transform_matrix must be a finite 4x4")
+    scale = float(downscale)
+    intrinsics = [k[0, 0] / scale, k[1, 1] / scale, k[0, 2] / scale, k[1, 2] / scale]
+    return np.ascontiguousarray(image), mask > 127, matrix, intrinsics, str(frame["file_path"])
+
+
 def load_capture(transforms: Path, downscale: int, holdout_every: int, device: torch.device) -> Capture:
     """Read every frame and mask of ``transforms`` (sorted by file_path, so holdout is spread in time)."""
     transforms = Path(transforms)
@@ -119,42 +157,11 @@ def load_capture(transforms: Path, downscale: int, holdout_every: int, device: t
     if downscale < 1:
         raise CaptureError(f"downscale must be an integer >= 1, got {downscale}")
 
-    images, masks, c2ws, intrinsics, names = [], [], [], [], []
-    for i, frame in enumerate(frames):
-        for key in ("file_path", "mask_path", "transform_matrix"):
-            if key not in frame:
-                hint = " (run the segment stage, it adds masks)" if key == "mask_path" else ""
-                raise CaptureError(f"{transforms}: frame {i} ({frame.get('file_path', '?')}) has no {key!r}{hint}")
-        image = _read_rgb(transforms.parent / frame["file_path"], "frame")
-        mask = _read_rgb(transforms.parent / frame["mask_path"], "mask")
-        image = image[..., :3][..., ::-1] if image.ndim == 3 else np.repeat(image[..., None], 3, -1)
-        mask = mask if mask.ndim == 2 else mask[..., 0]
-        h, w = image.shape[:2]
-        if mask.shape != (h, w):
-            raise CaptureError(f"mask {frame['mask_path']} is {mask.shape[1]}x{mask.shape[0]} but its frame is {w}x{h}")
-        expected = (int(meta.get("h", h)), int(meta.get("w", w)))
-        if (h, w) != expected:
-            raise CaptureError(f"frame {frame['file_path']} is {w}x{h} but transforms.json says w={expected[1]}, h={expected[0]}")
-        k, dist = _camera_matrix(frame, meta, transforms)
-        if np.any(dist != 0):
-            # Undistort onto the same pinhole K; masks stay binary with nearest sampling.
-            map_x, map_y = cv2.initUndistortRectifyMap(k, dist, None, k, (w, h), cv2.CV_32FC1)
-            image = cv2.remap(np.ascontiguousarray(image), map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-            mask = cv2.remap(mask, map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        if downscale > 1:
-            size = (w // downscale, h // downscale)
-            image = cv2.resize(np.ascontiguousarray(image), size, interpolation=cv2.INTER_AREA)
-            mask = cv2.resize(mask, size, interpolation=cv2.INTER_AREA)
-        matrix = np.asarray(frame["transform_matrix"], dtype=np.float32)
-        if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
-            raise CaptureError(f"{transforms}: frame {frame['file_path']} transform_matrix must be a finite 4x4")
-        images.append(np.ascontiguousarray(image))
-        masks.append(mask > 127)
-        c2ws.append(matrix)
-        scale = float(downscale)
-        intrinsics.append([k[0, 0] / scale, k[1, 1] / scale, k[0, 2] / scale, k[1, 2] / scale])
-        names.append(str(frame["file_path"]))
-
+    # Frames decode in threads (OpenCV lets go of the GIL): on a 16-core GPU host, 150 frames at
+    # 1280 x 720 took 3.5 s one by one, a sixth of a whole training run.
+    with ThreadPoolExecutor() as pool:
+        loaded = list(pool.map(lambda item: _load_frame(transforms, meta, downscale, *item), enumerate(frames)))
+    images, masks, c2ws, intrinsics, names = (list(column) for column in zip(*loaded))
     if len({im.shape for im in images}) != 1:
         raise CaptureError(f"{transforms}: frames have different sizes; all frames must share one size")
     train_ids, holdout_ids = holdout_split(len(frames), holdout_every)

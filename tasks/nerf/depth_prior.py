@@ -104,16 +104,19 @@ def load_sparse_depth(transforms: Path, capture: Capture, frame_ids: list[int], 
     return SparseDepth(origins[on_product], offset / depth[:, None], depth)
 
 
-def line_of_sight_loss(weights: Tensor, samples: PackedSamples, depth: Tensor, margin: float) -> Tensor:
+def line_of_sight_loss(
+    weights: Tensor, samples: PackedSamples, depth: Tensor, margin: float, rays: slice = slice(None)
+) -> Tensor:
     """Mean over rays of the opacity in front of ``depth - margin`` plus what is missing at ``depth + margin``.
 
     weights ``[K]`` of packed ``samples`` of R rays, target ``depth [R]``, ``margin`` in world
-    units → a 0-d loss. Zero when each ray's opacity rises from 0 to 1 inside the
-    ``2 margin`` window around its point.
+    units → a 0-d loss over the rays ``rays`` picks (all by default; a training batch's prior
+    rays ride behind its colour rays, and no sample needs selecting out). Zero when each ray's
+    opacity rises from 0 to 1 inside the ``2 margin`` window around its point.
     """
-    rays = samples.ray_indices
-    target = depth[rays]
+    ray_ids = samples.ray_indices
+    target = depth[ray_ids]
     zeros = weights.new_zeros(samples.n_rays)
-    in_front = zeros.index_add(0, rays, torch.where(samples.t_mid < target - margin, weights, torch.zeros_like(weights)))
-    reached = zeros.index_add(0, rays, torch.where(samples.t_mid < target + margin, weights, torch.zeros_like(weights)))
-    return (in_front + (1.0 - reached).clamp(min=0)).mean()
+    in_front = zeros.index_add(0, ray_ids, torch.where(samples.t_mid < target - margin, weights, torch.zeros_like(weights)))
+    reached = zeros.index_add(0, ray_ids, torch.where(samples.t_mid < target + margin, weights, torch.zeros_like(weights)))
+    return (in_front + (1.0 - reached).clamp(min=0))[rays].mean()

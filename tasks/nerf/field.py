@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from tasks.nerf.hashgrid import HashGrid, spherical_harmonics, trunc_exp
 from tasks.nerf.occupancy import OccupancyGrid
-from tasks.nerf.packed import PackedSamples, composite_packed, visible_samples
+from tasks.nerf.packed import PackedSamples, composite_packed, padding_ray_indices, visible_samples
 from tasks.nerf.rays import intersect_aabb, pixel_rays, stratified_samples
 
 
@@ -115,6 +115,33 @@ class GridSampler:
         return PackedSamples(flat // self.n_slots, t - half, t + half, origins.shape[0])
 
 
+    def sample_fixed(
+        self, origins: Tensor, directions: Tensor, capacity: int, padding_rays: int, jitter: bool,
+        generator: torch.Generator | None = None,
+    ) -> tuple[PackedSamples, Tensor]:
+        """The same marching into a batch of fixed size, with no step that waits for the GPU (for a
+        captured CUDA graph, tasks/nerf/graphed.py). Jitter is one offset per ray, as nerfacc's.
+
+        origins, unit directions ``[R, 3]`` → ``capacity`` samples of ``R + padding_rays`` rays:
+        the occupied ones, grouped by ray, then padding of width zero on rays ``R`` onwards
+        (:func:`padding_ray_indices`); and how many occupied samples there were (0-d int64; above
+        ``capacity``, the last rays lost their farthest samples).
+        """
+        t_near, t_far, hit = intersect_aabb(origins, directions, self.aabb)
+        t_mid, valid = stratified_samples(t_near, t_far, self.step, self.n_slots, jitter, generator, per_ray=True)
+        valid &= hit[:, None]
+        points = origins[:, None] + t_mid[..., None] * directions[:, None]  # [R, S, 3]
+        keep = (valid & self.occupancy.query(points.reshape(-1, 3)).reshape(valid.shape)).reshape(-1)
+        n_slots_total = keep.shape[0]
+        flat = torch.nonzero_static(keep, size=capacity, fill_value=n_slots_total)[:, 0]  # row-major: grouped by ray
+        t = torch.cat([t_mid.reshape(-1), t_mid.new_zeros(1)])[flat]
+        real = flat < n_slots_total
+        half = real * (self.step / 2)
+        n_rays = origins.shape[0]
+        rays = torch.where(real, flat // self.n_slots, padding_ray_indices(n_rays, capacity, padding_rays, flat.device))
+        return PackedSamples(rays, t - half, t + half, n_rays + padding_rays), keep.sum()
+
+
 class NerfaccSampler:
     """The same marching with nerfacc's CUDA grid traversal: one kernel emits only occupied samples.
 
@@ -200,14 +227,16 @@ def render_rays(
 ) -> tuple[dict[str, Tensor], PackedSamples]:
     """Render a batch of rays ``[R, 3], [R, 3]`` → ``rgb [R, 3]`` (premultiplied), ``alpha [R]``,
     ``depth [R]`` (and ``depth_surface [R]`` with ``surface_opacity`` and ``solid_alpha``, as
-    :func:`composite_packed`), ``weights [K]`` and ``samples``
-    (how many samples reached the MLPs, a 0-d tensor); and the packed samples themselves.
+    :func:`composite_packed`), ``weights [K]``, ``samples`` (how many samples reached the MLPs)
+    and ``marched`` (how many the occupancy grid let through; both 0-d CPU tensors); and the
+    packed samples themselves.
 
     With ``early_stop_eps > 0`` a density-only pass first drops samples whose transmittance
     is below it (behind an opaque surface), so the colour MLP and backward skip them.
     """
     # Where samples fall is not differentiated (refined cameras get their gradient through the points).
     samples = sampler.sample(origins.detach(), directions.detach(), jitter, generator)
+    marched = samples.ray_indices.shape[0]
     points = samples.points(origins, directions)
     if early_stop_eps > 0 and samples.ray_indices.numel() > 0:
         with torch.no_grad():
@@ -216,6 +245,7 @@ def render_rays(
     sigma, rgb = model(points, samples.per_sample(directions))
     out = composite_packed(sigma, rgb, samples, surface_opacity, solid_alpha)
     out["samples"] = torch.tensor(samples.ray_indices.shape[0])
+    out["marched"] = torch.tensor(marched)
     return out, samples
 
 

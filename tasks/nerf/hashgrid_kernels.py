@@ -81,13 +81,16 @@ def encode_backward(
     columns = tl.arange(0, FEATURES)
     grad = tl.load(grad_out_ptr + rows[:, None] * (N_LEVELS * FEATURES) + level * FEATURES + columns[None, :],
                    mask=valid[:, None], other=0.0)
+    # Points with no gradient add nothing, so they skip the atomics: a fixed-size batch's padding
+    # (tasks/nerf/graphed.py) sits at one point, and its adds of zero would all queue on the same rows.
+    live = valid & (tl.sum(tl.abs(grad), axis=1) > 0.0)
     grad_fx = tl.zeros((BLOCK,), dtype=tl.float32)
     grad_fy = tl.zeros((BLOCK,), dtype=tl.float32)
     grad_fz = tl.zeros((BLOCK,), dtype=tl.float32)
     for corner in tl.static_range(8):
         index, wx, wy, wz = _corner(ix, iy, iz, fx, fy, fz, corner, stride, dense, size, offset)
         tl.atomic_add(grad_table_ptr + index[:, None] * FEATURES + columns[None, :], (wz * wy * wx)[:, None] * grad,
-                      mask=valid[:, None])
+                      mask=live[:, None])
         if POINT_GRAD:
             # d weight / d f_axis is ±(the other two axis weights): + for the far corner, - for the near.
             along = tl.sum(tl.load(table_ptr + index[:, None] * FEATURES + columns[None, :], mask=valid[:, None], other=0.0) * grad, axis=1)

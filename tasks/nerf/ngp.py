@@ -12,6 +12,7 @@ Checkpoint folder: ``field.pt`` (weights, occupancy grid, aabb, settings) and
 
 from __future__ import annotations
 
+import functools
 import math
 import resource
 import time
@@ -25,12 +26,13 @@ from torch import Tensor
 from tasks.nerf.base import TrainReport, read_checkpoint, register_backend, write_checkpoint
 from tasks.nerf.camera_opt import REFINED_TRANSFORMS, CameraCorrections, rotation_degrees, write_refined_transforms
 from tasks.nerf.dataset import aabb_pixel_rects, load_capture, load_hull
-from tasks.nerf.depth_prior import line_of_sight_loss, load_sparse_depth
+from tasks.nerf.depth_prior import load_sparse_depth
 from tasks.nerf.evaluate import quality_report
-from tasks.nerf.field import NgpModel, NgpRadianceField, make_sampler, render_rays
+from tasks.nerf.field import GridSampler, NgpModel, NgpRadianceField, make_sampler
+from tasks.nerf.graphed import CapturedStep, SampleCapacity
+from tasks.nerf.ngp_step import NgpStep
 from tasks.nerf.occupancy import OccupancyGrid
-from tasks.nerf.packed import PackedSamples, distortion_loss
-from tasks.nerf.pixels import sample_training_rays, training_pixels
+from tasks.nerf.pixels import training_pixels
 from tasks.nerf.settings import settings_from_dict
 
 CHECKPOINT_FORMAT = "korokoro-ngp/1"
@@ -90,6 +92,9 @@ class NgpSettings:
     pose_translation_penalty: float = 1e-2
     pose_max_rotation_deg: float = 2.0
     mixed_precision: bool = False
+    cuda_graph: str = "auto"
+    cuda_graph_after: int = 32
+    cuda_graph_margin: float = 1.25
     render_chunk: int = 16384
     log_every: int = 50
     eval_train_frames: int = 2
@@ -131,6 +136,47 @@ def learning_rate_factor(step: int, s: NgpSettings) -> float:
         return (step + 1) / s.lr_warmup_steps
     progress = (step - s.lr_warmup_steps) / max(1, s.steps - s.lr_warmup_steps)
     return s.lr_final_factor**progress
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, base_lrs: list[float], factor: float) -> None:
+    """Each group's rate = its base times ``factor``; tensor rates (a captured step reads them) in place."""
+    for group, base in zip(optimizer.param_groups, base_lrs):
+        if isinstance(group["lr"], Tensor):
+            group["lr"].fill_(base * factor)
+        else:
+            group["lr"] = base * factor
+
+
+def make_optimizer(model: NgpModel, cameras: CameraCorrections | None, s: NgpSettings, capturable: bool) -> torch.optim.Adam:
+    """Adam with eps 1e-15 as instant-ngp: hash entries see rare, tiny gradients that a larger eps
+    would swallow. Weight decay only on the MLPs. ``capturable``: rates are device tensors, so a
+    captured CUDA graph's step follows the schedule."""
+    cuda = model.aabb.device.type == "cuda"
+    lr: float | Tensor = torch.tensor(s.lr, device=model.aabb.device) if capturable else s.lr
+    optimizer = torch.optim.Adam(
+        [
+            {"params": [model.encoding.table], "weight_decay": 0.0},
+            {"params": [*model.density_mlp.parameters(), *model.color_mlp.parameters()], "weight_decay": s.weight_decay},
+        ],
+        lr=lr, betas=(0.9, 0.99), eps=s.adam_eps,
+        # One fused kernel for the 16M-entry table instead of a chain of elementwise ones.
+        fused=cuda, capturable=capturable,
+    )
+    if cameras is not None:
+        pose_lr: float | Tensor = torch.tensor(s.pose_lr, device=model.aabb.device) if capturable else s.pose_lr
+        optimizer.add_param_group({"params": [cameras.delta], "lr": pose_lr, "weight_decay": 0.0})
+    return optimizer
+
+
+def cuda_graph_start(s: NgpSettings, device: torch.device) -> int:
+    """The first step replayed from a captured CUDA graph (``s.steps``: none). ``auto`` captures on
+    CUDA after ``cuda_graph_after`` eager steps; mixed precision (its loss scaling decides on the
+    host) keeps every step eager."""
+    if s.cuda_graph not in ("auto", "off"):
+        raise ValueError(f"nerf.cuda_graph={s.cuda_graph!r} is not one of auto, off")
+    if s.cuda_graph == "off" or device.type != "cuda" or s.mixed_precision:
+        return s.steps
+    return min(max(s.cuda_graph_after, 1), s.steps)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -197,74 +243,62 @@ def _train(
             raise ValueError(f"the masks of {transforms} leave nothing of the hull box {aabb.tolist()}; check masks and hull")
     sampler = make_sampler(aabb, step_size, occupancy, s.sampler)
     diagonal = float((aabb[1] - aabb[0]).norm())
-    # Adam with eps 1e-15 as instant-ngp: hash entries see rare, tiny gradients that a
-    # larger eps would swallow. Weight decay only on the MLPs.
-    optimizer = torch.optim.Adam(
-        [
-            {"params": [model.encoding.table], "weight_decay": 0.0},
-            {"params": [*model.density_mlp.parameters(), *model.color_mlp.parameters()], "weight_decay": s.weight_decay},
-        ],
-        lr=s.lr, betas=(0.9, 0.99), eps=s.adam_eps,
-        # One fused kernel for the 16M-entry table instead of a chain of elementwise ones.
-        fused=device.type == "cuda",
-    )
-    cameras = None
-    if s.pose_lr > 0:
-        cameras = CameraCorrections(len(capture.names), train_ids.tolist()).to(device)
-        optimizer.add_param_group({"params": [cameras.delta], "lr": s.pose_lr, "weight_decay": 0.0})
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, s))
+    cameras = CameraCorrections(len(capture.names), train_ids.tolist()).to(device) if s.pose_lr > 0 else None
+    graph_from = cuda_graph_start(s, device)
+    optimizer = make_optimizer(model, cameras, s, capturable=graph_from < s.steps)
+    base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
     use_amp = s.mixed_precision and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    density_fn = model.density
+    batch = NgpStep(s, model, sampler, GridSampler(aabb, step_size, occupancy), capture, pixels, generator, diagonal,
+                    sparse, cameras)
 
     model.train()
     loss_value, psnr_value = float("nan"), float("nan")
     prior_steps = 0
+    captured: CapturedStep | None = None
+    graph_started = started
+    recent_counts: list[tuple[int, int]] = []  # the last eager steps' sample counts size the graph's batches
+    graph_prior = False
+    loop_started = time.perf_counter()
     for step in range(s.steps):
         if step % s.occ_update_every == 0:
             fraction = 1.0 if step < s.occ_warmup_steps else s.occ_update_fraction
-            occupancy.update(density_fn, fraction, s.render_chunk * 8, generator)
-        poses = None if cameras is None else cameras.apply(capture.c2w)
-        origins, directions, rgb, mask = sample_training_rays(
-            capture, pixels, s.rays_per_batch, generator, s.pixel_jitter, poses
-        )
-        background = torch.rand(rgb.shape, device=device, generator=generator)
-        target = rgb * mask[:, None] + background * (1 - mask[:, None])
-        n_color = origins.shape[0]
+            occupancy.update(model.density, fraction, s.render_chunk * 8, generator)
+            if captured is not None:
+                captured.check(step)
+        set_learning_rate(optimizer, base_lrs, learning_rate_factor(step, s))
         use_prior = sparse is not None and step < s.depth_loss_until * s.steps
-        if use_prior:
-            prior_steps += 1
-            # The depth prior's rays ride in the same batch: one render, one backward.
-            depth_origins, depth_directions, point_depth = sparse.pick(s.depth_rays_per_batch, generator)
-            origins, directions = torch.cat([origins, depth_origins]), torch.cat([directions, depth_directions])
-        with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-            out, samples = render_rays(
-                model, sampler, origins, directions, jitter=True, generator=generator, early_stop_eps=s.early_stop_eps
-            )
-        prediction = out["rgb"][:n_color].float() + (1 - out["alpha"][:n_color].float())[:, None] * background
-        color_loss = torch.mean((prediction - target) ** 2)
-        loss = color_loss
-        if s.alpha_loss_weight > 0:
-            loss = loss + s.alpha_loss_weight * torch.mean((out["alpha"][:n_color].float() - mask) ** 2)
-        if use_prior:
-            is_depth = samples.ray_indices >= n_color
-            depth_samples = PackedSamples(samples.ray_indices[is_depth] - n_color, samples.t_starts[is_depth],
-                                          samples.t_ends[is_depth], point_depth.shape[0])
-            loss = loss + s.depth_loss_weight * line_of_sight_loss(
-                out["weights"][is_depth], depth_samples, point_depth, s.depth_margin * diagonal)
-        if s.distortion_loss_weight > 0:
-            loss = loss + s.distortion_loss_weight * distortion_loss(out["weights"], samples, diagonal)
-        if cameras is not None:
-            loss = loss + cameras.penalty(s.pose_rotation_penalty, s.pose_translation_penalty)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        prior_steps += use_prior
+        if step >= graph_from:
+            step_losses = functools.partial(batch.fixed_losses, use_prior=use_prior)
+            if captured is None:
+                graph_started = time.perf_counter()
+                marched, visible = (max(column) for column in zip(*recent_counts))
+                first_capacity = SampleCapacity.covering(marched, visible, s.cuda_graph_margin)
+                captured = CapturedStep(step_losses, optimizer, first_capacity, s.cuda_graph_margin, generator)
+            elif use_prior != graph_prior:  # the prior's steps are over: the same step without its rays
+                captured.retarget(step_losses)
+            graph_prior = use_prior
+            loss, color_loss = captured()
+        else:
+            loss, color_loss, counts = batch.eager_losses(use_prior, use_amp)
+            recent_counts = [*recent_counts[-7:], counts]
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            # Nothing may keep this step's autograd graph alive: a captured step's warm-up runs on
+            # another stream, and PyTorch warns (and may wait) when old gradient nodes are reused there.
+            loss, color_loss = loss.detach(), color_loss.detach()
         if progress is not None and (step % s.log_every == 0 or step == s.steps - 1):
             loss_value = loss.item()
             psnr_value = -10.0 * math.log10(max(color_loss.item(), 1e-10))
             progress(step + 1, s.steps, {"loss": loss_value, "psnr": psnr_value, "occupied": occupancy.occupied_fraction})
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # replayed steps run behind the host; time them to their end
+    if captured is not None:
+        captured.check(s.steps)  # the last refresh's steps, so the report says whether any batch overflowed
+        captured.graph = None  # its memory goes back before evaluation
     train_seconds = time.perf_counter() - started
 
     model.eval()
@@ -300,6 +334,14 @@ def _train(
             "depth_prior_observations": 0 if sparse is None else len(sparse),
             "depth_prior_steps": prior_steps,
             **pose_report,
+            "setup_seconds": loop_started - started,
+            "cuda_graph_from_step": graph_from if captured is not None else None,
+            "cuda_graph_seconds": train_seconds - (graph_started - started) if captured is not None else 0.0,
+            "cuda_graph_captures": 0 if captured is None else captured.captures,
+            "cuda_graph_overflows": 0 if captured is None else captured.overflows,
+            # [step, marched, visible] of each capacity the step ran with (the first from the eager steps).
+            "cuda_graph_capacities": [] if captured is None else [[graph_from, first_capacity.marched, first_capacity.visible],
+                                                                  *map(list, captured.history)],
             "eval_seconds": time.perf_counter() - started - train_seconds,
             "aabb": aabb.tolist(),
         },

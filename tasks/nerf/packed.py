@@ -44,6 +44,17 @@ class PackedSamples:
         """The samples where ``keep [K]`` (bool) holds; order, and so grouping by ray, is kept."""
         return PackedSamples(self.ray_indices[keep], self.t_starts[keep], self.t_ends[keep], self.n_rays)
 
+    def take(self, index: Tensor, padding_rays: int) -> "PackedSamples":
+        """The samples at ``index [C]`` (int64, non-decreasing), where ``index == K`` stands for a
+        padding sample of width zero, which weighs nothing in compositing or in any loss. The
+        last ``padding_rays`` rays hold the padding (:func:`padding_ray_indices`). How a
+        fixed-size batch (tasks/nerf/graphed.py) holds K samples."""
+        zero = self.t_starts.new_zeros(1)
+        rays = torch.cat([self.ray_indices, self.ray_indices.new_zeros(1)])[index]
+        pad = padding_ray_indices(self.n_rays - padding_rays, index.shape[0], padding_rays, index.device)
+        return PackedSamples(torch.where(index == self.ray_indices.shape[0], pad, rays), torch.cat([self.t_starts, zero])[index],
+                             torch.cat([self.t_ends, zero])[index], self.n_rays)
+
     def points(self, origins: Tensor, directions: Tensor) -> Tensor:
         """World positions of the samples. origins, directions ``[R, 3]`` → ``[K, 3]``."""
         return self.per_sample(origins) + self.t_mid[:, None] * self.per_sample(directions)
@@ -52,6 +63,14 @@ class PackedSamples:
         """Each sample's row of ``per_ray [R, C]`` → ``[K, C]``. Its backward (when refined cameras
         make rays differentiable) adds atomically instead of sorting a million indices."""
         return gather_rows(per_ray, self.ray_indices)
+
+
+def padding_ray_indices(n_rays: int, capacity: int, padding_rays: int, device: torch.device | str) -> Tensor:
+    """The ray each slot of a fixed batch of ``capacity`` samples gives its padding: ``n_rays + j *
+    padding_rays // capacity`` for slot ``j`` ``[capacity]`` int64, after every real ray and
+    non-decreasing. Why several rays: compositing adds every sample into its ray's row
+    atomically, and a whole batch's padding on one row would queue its adds of zero there."""
+    return n_rays + torch.arange(capacity, device=device) * padding_rays // capacity
 
 
 def segment_cumsum(values: Tensor, ray_indices: Tensor, exclusive: bool, first: Tensor | None = None) -> Tensor:
@@ -134,11 +153,12 @@ def visible_samples(sigmas: Tensor, samples: PackedSamples, early_stop_eps: floa
     return transmittance > early_stop_eps
 
 
-def distortion_loss(weights: Tensor, samples: PackedSamples, scale: float) -> Tensor:
+def distortion_loss(weights: Tensor, samples: PackedSamples, scale: float, n_rays: int | None = None) -> Tensor:
     """Mip-NeRF 360's distortion loss, mean over rays: small when each ray's weight sits in one thin interval.
 
     weights ``[K]``; ``scale`` divides distances (the box diagonal) so the loss does not depend
-    on the scene's units. ``sum_ij w_i w_j |m_i - m_j| + 1/3 sum_i w_i^2 d_i`` in the O(K)
+    on the scene's units; ``n_rays``: the rays to average over (default ``samples.n_rays``; a
+    fixed-size batch leaves out its padding ray). ``sum_ij w_i w_j |m_i - m_j| + 1/3 sum_i w_i^2 d_i`` in the O(K)
     form of Barron et al. 2022: ``2 sum_i w_i (m_i W_<i - S_<i)``, with W, S the running sums
     of w and w * m along the ray.
     """
@@ -150,4 +170,4 @@ def distortion_loss(weights: Tensor, samples: PackedSamples, scale: float) -> Te
     before_w = segment_cumsum(weights, rays, exclusive=True, first=samples.first).float()
     before_wm = segment_cumsum(weights * mid, rays, exclusive=True, first=samples.first).float()
     per_sample = 2.0 * weights * (mid * before_w - before_wm) + weights**2 * width / 3.0
-    return per_sample.sum() / max(samples.n_rays, 1)
+    return per_sample.sum() / max(samples.n_rays if n_rays is None else n_rays, 1)

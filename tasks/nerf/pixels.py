@@ -41,6 +41,12 @@ class TrainingPixels:
         """Pixels in each frame's rectangle ``[T]`` (float): how uniform rays are shared out."""
         return ((self.rects[:, 2] - self.rects[:, 0]) * (self.rects[:, 3] - self.rects[:, 1])).float()
 
+    @functools.cached_property
+    def rect_cdf(self) -> Tensor:
+        """Share of the rectangles' pixels in the frames up to each one ``[T]`` (float64, last = 1)."""
+        total = torch.cumsum(self.rect_areas.double(), dim=0)
+        return total / total[-1]
+
     def pick(self, n_rays: int, width: int, height: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         """``n_rays`` pixels → frame ``[n]``, u ``[n]``, v ``[n]`` (int64): object ones first."""
         n_object = round(n_rays * self.object_fraction) if self.object_pixels.numel() else 0
@@ -53,7 +59,9 @@ class TrainingPixels:
             flat = self.object_pixels[torch.randint(self.object_pixels.numel(), (n_object,), device=device, generator=generator)]
             parts.append((flat // (width * height), flat % width, flat // width % height))
         if n_uniform:
-            pick = torch.multinomial(self.rect_areas, n_uniform, replacement=True, generator=generator)
+            # Inverse CDF, not torch.multinomial: the same draw, and safe inside a captured CUDA graph.
+            uniform = torch.rand(n_uniform, device=device, generator=generator, dtype=torch.float64)
+            pick = torch.searchsorted(self.rect_cdf, uniform, right=True).clamp(max=self.rects.shape[0] - 1)
             rect = self.rects[pick]
             uv01 = torch.rand(n_uniform, 2, device=device, generator=generator)
             u_rect = (rect[:, 0] + (uv01[:, 0] * (rect[:, 2] - rect[:, 0])).long()).clamp(max=width - 1)

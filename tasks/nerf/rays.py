@@ -60,17 +60,19 @@ def intersect_aabb(origins: Tensor, directions: Tensor, aabb: Tensor) -> tuple[T
 
 
 def stratified_samples(
-    t_near: Tensor, t_far: Tensor, step: float, n_slots: int, jitter: bool, generator: torch.Generator | None = None
+    t_near: Tensor, t_far: Tensor, step: float, n_slots: int, jitter: bool, generator: torch.Generator | None = None,
+    per_ray: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Samples at a fixed world step from the box entry, one jittered sample per interval.
 
     t_near, t_far ``[R]`` → t_mid ``[R, S]`` sample distances, valid ``[R, S]`` (inside the box).
     A fixed step (not a fixed count per ray) keeps ``sigma * step`` comparable between rays,
-    which is what the occupancy threshold relies on.
+    which is what the occupancy threshold relies on. ``per_ray``: one jitter shared by a ray's
+    samples, which then stay evenly spaced (as nerfacc's traversal places them).
     """
     slots = torch.arange(n_slots, device=t_near.device, dtype=t_near.dtype)
     if jitter:
-        offset = torch.rand(t_near.shape[0], n_slots, device=t_near.device, generator=generator)
+        offset = torch.rand(t_near.shape[0], 1 if per_ray else n_slots, device=t_near.device, generator=generator)
     else:
         offset = torch.full((1, n_slots), 0.5, device=t_near.device, dtype=t_near.dtype)
     t_mid = t_near[:, None] + (slots[None] + offset) * step
