@@ -25,13 +25,20 @@ def small_model(aabb: torch.Tensor, density_bias: float = 4.0) -> NgpModel:
     return model
 
 
-def test_fixed_marching_holds_the_occupied_samples_then_weightless_padding():
+def packed_and_fixed(extra: int, fraction: float = 1.0) -> tuple[PackedSamples, PackedSamples, torch.Tensor]:
+    """64 rays through a random grid, marched packed and into a fixed batch of ``fraction`` of
+    the packed count plus ``extra`` samples (4 padding rays): (packed, fixed, the fixed count)."""
     aabb, grid = box_grid()
     origins, directions = orbit_rays(64)
     sampler = GridSampler(aabb, STEP, grid)
     packed = sampler.sample(origins, directions, jitter=False)
+    capacity = int(packed.ray_indices.numel() * fraction) + extra
+    return packed, *sampler.sample_fixed(origins, directions, capacity, padding_rays=4, jitter=False)
+
+
+def test_fixed_marching_holds_the_occupied_samples_then_weightless_padding():
+    packed, fixed, count = packed_and_fixed(extra=100)
     k = packed.ray_indices.numel()
-    fixed, count = sampler.sample_fixed(origins, directions, k + 100, padding_rays=4, jitter=False)
     assert int(count) == k and fixed.n_rays == 68
     torch.testing.assert_close(fixed.ray_indices[:k], packed.ray_indices)
     torch.testing.assert_close(fixed.t_starts[:k], packed.t_starts)
@@ -44,12 +51,8 @@ def test_fixed_marching_holds_the_occupied_samples_then_weightless_padding():
 
 
 def test_an_overflowing_batch_keeps_the_first_samples_and_says_how_many_there_were():
-    aabb, grid = box_grid()
-    origins, directions = orbit_rays(64)
-    sampler = GridSampler(aabb, STEP, grid)
-    packed = sampler.sample(origins, directions, jitter=False)
+    packed, fixed, count = packed_and_fixed(extra=0, fraction=0.5)
     k = packed.ray_indices.numel()
-    fixed, count = sampler.sample_fixed(origins, directions, k // 2, padding_rays=4, jitter=False)
     assert int(count) == k
     torch.testing.assert_close(fixed.ray_indices, packed.ray_indices[: k // 2])
 
