@@ -6,14 +6,14 @@ by the GPU (300 steps of the box: 6.8 s of host time against 2.0 s of GPU time; 
 the training time followed the CPU of whichever host was lent. A graph replays every kernel
 without the host. It needs fixed shapes and no step that waits for the GPU, so the samples go
 into batches of fixed size (:meth:`GridSampler.sample_fixed`, ``torch.nonzero_static``), padded
-with samples of width zero on an extra ray that weigh nothing. The sizes come from the counts
-of the eager steps before capture, with a margin; a running peak of the counts is read at each
-occupancy refresh (that refresh waits for the GPU anyway) and, if a batch overflowed, the step
-is captured again with more room.
+with samples of width zero on extra rays that weigh nothing. The sizes come from the counts of
+the eager steps before capture, with a margin; a running peak of the counts is read at each
+occupancy refresh (that refresh waits for the GPU anyway) and, if a batch overflowed or is
+mostly padding, the step is captured again with sizes that fit.
 
 The step draws its own rays from the capture's tensors with a registered generator, and reads
-the occupancy grid's tensors, which its refreshes change in place. CPU runs use the same fixed
-batches without a graph (that is how CI tests them).
+the occupancy grid's tensors, which its refreshes change in place. Training on the CPU keeps
+eager steps; the tests run the fixed batches there without a graph, against the packed path.
 """
 
 from __future__ import annotations
