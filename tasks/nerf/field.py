@@ -102,18 +102,25 @@ class GridSampler:
         # Enough slots to cross the box along its diagonal.
         self.n_slots = int(math.ceil(float((aabb[1] - aabb[0]).norm()) / step)) + 1
 
-    def sample(self, origins: Tensor, directions: Tensor, jitter: bool, generator: torch.Generator | None = None) -> PackedSamples:
-        """origins, unit directions ``[R, 3]`` → the occupied samples of those rays, packed."""
+    def _occupied_slots(
+        self, origins: Tensor, directions: Tensor, jitter: bool, generator: torch.Generator | None, per_ray: bool
+    ) -> tuple[Tensor, Tensor]:
+        """Every slot of every ray: t_mid ``[R * S]`` and whether it lies in the box and in an
+        occupied cell ``[R * S]`` (bool), row-major, so grouped by ray."""
         t_near, t_far, hit = intersect_aabb(origins, directions, self.aabb)
-        t_mid, valid = stratified_samples(t_near, t_far, self.step, self.n_slots, jitter, generator)
+        t_mid, valid = stratified_samples(t_near, t_far, self.step, self.n_slots, jitter, generator, per_ray)
         valid &= hit[:, None]
         points = origins[:, None] + t_mid[..., None] * directions[:, None]  # [R, S, 3]
         occupied = self.occupancy.query(points.reshape(-1, 3)).reshape(valid.shape)
-        flat = (valid & occupied).reshape(-1).nonzero()[:, 0]  # row-major: grouped by ray
-        t = t_mid.reshape(-1)[flat]
+        return t_mid.reshape(-1), (valid & occupied).reshape(-1)
+
+    def sample(self, origins: Tensor, directions: Tensor, jitter: bool, generator: torch.Generator | None = None) -> PackedSamples:
+        """origins, unit directions ``[R, 3]`` → the occupied samples of those rays, packed."""
+        t_mid, keep = self._occupied_slots(origins, directions, jitter, generator, per_ray=False)
+        flat = keep.nonzero()[:, 0]
+        t = t_mid[flat]
         half = self.step / 2
         return PackedSamples(flat // self.n_slots, t - half, t + half, origins.shape[0])
-
 
     def sample_fixed(
         self, origins: Tensor, directions: Tensor, capacity: int, padding_rays: int, jitter: bool,
@@ -127,14 +134,10 @@ class GridSampler:
         (:func:`padding_ray_indices`); and how many occupied samples there were (0-d int64; above
         ``capacity``, the last rays lost their farthest samples).
         """
-        t_near, t_far, hit = intersect_aabb(origins, directions, self.aabb)
-        t_mid, valid = stratified_samples(t_near, t_far, self.step, self.n_slots, jitter, generator, per_ray=True)
-        valid &= hit[:, None]
-        points = origins[:, None] + t_mid[..., None] * directions[:, None]  # [R, S, 3]
-        keep = (valid & self.occupancy.query(points.reshape(-1, 3)).reshape(valid.shape)).reshape(-1)
+        t_mid, keep = self._occupied_slots(origins, directions, jitter, generator, per_ray=True)
         n_slots_total = keep.shape[0]
-        flat = torch.nonzero_static(keep, size=capacity, fill_value=n_slots_total)[:, 0]  # row-major: grouped by ray
-        t = torch.cat([t_mid.reshape(-1), t_mid.new_zeros(1)])[flat]
+        flat = torch.nonzero_static(keep, size=capacity, fill_value=n_slots_total)[:, 0]
+        t = torch.cat([t_mid, t_mid.new_zeros(1)])[flat]
         real = flat < n_slots_total
         half = real * (self.step / 2)
         n_rays = origins.shape[0]

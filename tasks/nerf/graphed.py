@@ -168,12 +168,17 @@ class CapturedStep:
         self.graph = graph
         self.captures += 1
 
+    def _recapture(self) -> None:
+        """Drop the graph (its memory pool goes once nothing refers to it): the next calls warm up
+        and capture the step again."""
+        self.graph = None
+        self._eager_left = self.warmup
+
     def retarget(self, losses: StepLosses) -> None:
         """Step with ``losses`` from now on (captured again on a following call; same capacity,
         which the next :meth:`check` fits to the new counts)."""
         self.losses = losses
-        self.graph = None
-        self._eager_left = self.warmup
+        self._recapture()
 
     def check(self, step: int) -> bool:
         """Whether the batches since the last check fitted their capacity snugly (waits for the
@@ -192,6 +197,5 @@ class CapturedStep:
         self.overflows += overflowed
         self.capacity = fitted
         self.history.append((step, fitted.marched, fitted.visible))
-        self.graph = None  # frees its memory pool once nothing refers to it
-        self._eager_left = self.warmup
+        self._recapture()
         return False
