@@ -87,6 +87,11 @@ class NgpSettings:
     depth_margin: float = 0.005
     depth_max_error_px: float = 1.0
     depth_min_views: int = 3
+    depth_smooth_weight: float = 0.0
+    depth_smooth_stencils: int = 1024
+    depth_smooth_stride_px: int = 4
+    depth_smooth_robust: float = 0.01
+    depth_smooth_from: float = 0.1
     pose_lr: float = 0.0
     pose_rotation_penalty: float = 1e-3
     pose_translation_penalty: float = 1e-2
@@ -230,7 +235,13 @@ def _train(
     if not bool(visible.any()):
         raise ValueError(f"the hull box {aabb.tolist()} from {hull} is not in view of any training frame; check the hull json")
     train_ids, rects = train_ids[visible], rects[visible]
-    pixels = training_pixels(capture, train_ids, rects, s.object_ray_fraction, s.object_ray_margin_px)
+    if s.depth_smooth_weight > 0 and (s.depth_smooth_stencils < 1 or s.depth_smooth_stride_px < 1 or s.depth_smooth_robust <= 0):
+        raise ValueError(f"nerf.depth_smooth_stencils ({s.depth_smooth_stencils}) and nerf.depth_smooth_stride_px "
+                         f"({s.depth_smooth_stride_px}) must be >= 1 and nerf.depth_smooth_robust "
+                         f"({s.depth_smooth_robust}) > 0 while nerf.depth_smooth_weight is set")
+    # The smoothness prior centres its stencils on product pixels, so it needs their pool too.
+    pixels = training_pixels(capture, train_ids, rects, s.object_ray_fraction, s.object_ray_margin_px,
+                             keep_object_pixels=s.depth_smooth_weight > 0)
     sparse = None
     if s.depth_loss_weight > 0:
         sparse = load_sparse_depth(transforms, capture, train_ids.tolist(), s.depth_max_error_px, s.depth_min_views)
@@ -254,11 +265,11 @@ def _train(
 
     model.train()
     loss_value, psnr_value = float("nan"), float("nan")
-    prior_steps = 0
+    prior_steps = smooth_steps = 0
     captured: CapturedStep | None = None
     graph_started = started
     recent_counts: list[tuple[int, int]] = []  # the last eager steps' sample counts size the graph's batches
-    graph_prior = False
+    graph_priors = (False, False)
     loop_started = time.perf_counter()
     for step in range(s.steps):
         if step % s.occ_update_every == 0:
@@ -269,19 +280,23 @@ def _train(
         set_learning_rate(optimizer, base_lrs, learning_rate_factor(step, s))
         use_prior = sparse is not None and step < s.depth_loss_until * s.steps
         prior_steps += use_prior
+        # The smoothness prior waits for a surface to smooth: on the first steps' haze, where rays
+        # stop is noise, and the prior's pull on it emptied the basket (session 13).
+        use_smooth = s.depth_smooth_weight > 0 and step >= s.depth_smooth_from * s.steps
+        smooth_steps += use_smooth
         if step >= graph_from:
-            step_losses = functools.partial(batch.fixed_losses, use_prior=use_prior)
+            step_losses = functools.partial(batch.fixed_losses, use_prior=use_prior, use_smooth=use_smooth)
             if captured is None:
                 graph_started = time.perf_counter()
                 marched, visible = (max(column) for column in zip(*recent_counts))
                 first_capacity = SampleCapacity.covering(marched, visible, s.cuda_graph_margin)
                 captured = CapturedStep(step_losses, optimizer, first_capacity, s.cuda_graph_margin, generator)
-            elif use_prior != graph_prior:  # the prior's steps are over: the same step without its rays
+            elif (use_prior, use_smooth) != graph_priors:  # a prior's steps began or ended: its rays come or go
                 captured.retarget(step_losses)
-            graph_prior = use_prior
+            graph_priors = (use_prior, use_smooth)
             loss, color_loss = captured()
         else:
-            loss, color_loss, counts = batch.eager_losses(use_prior, use_amp)
+            loss, color_loss, counts = batch.eager_losses(use_prior, use_amp, use_smooth)
             recent_counts = [*recent_counts[-7:], counts]
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -333,6 +348,7 @@ def _train(
             "occupied_fraction": occupancy.occupied_fraction,
             "depth_prior_observations": 0 if sparse is None else len(sparse),
             "depth_prior_steps": prior_steps,
+            "depth_smooth_steps": smooth_steps,
             **pose_report,
             "setup_seconds": loop_started - started,
             "cuda_graph_from_step": graph_from if captured is not None else None,

@@ -77,12 +77,13 @@ class TrainingPixels:
 
 
 def training_pixels(
-    capture: Capture, frame_ids: Tensor, rects: Tensor, object_fraction: float, margin_px: int
+    capture: Capture, frame_ids: Tensor, rects: Tensor, object_fraction: float, margin_px: int,
+    keep_object_pixels: bool = False,
 ) -> TrainingPixels:
     """The product pixels of ``frame_ids`` (masks grown by ``margin_px``, kept inside ``rects``).
 
     frame_ids ``[T]``, rects ``[T, 4]`` as in ``TrainingPixels``. With ``object_fraction`` 0 the
-    pool is left empty (no memory spent on it).
+    pool is left empty (no memory spent on it) unless ``keep_object_pixels`` asks for it.
     """
     if not 0.0 <= object_fraction <= 1.0:
         raise ValueError(f"nerf.object_ray_fraction must be within [0, 1], got {object_fraction}")
@@ -91,7 +92,7 @@ def training_pixels(
     device = capture.masks.device
     h, w = capture.height, capture.width
     pools = []
-    if object_fraction > 0:
+    if object_fraction > 0 or keep_object_pixels:
         cols = torch.arange(w, device=device)
         rows = torch.arange(h, device=device)
         for frame, (u0, v0, u1, v1) in zip(frame_ids.tolist(), rects.tolist()):
