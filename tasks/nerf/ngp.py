@@ -34,6 +34,7 @@ from tasks.nerf.ngp_step import NgpStep
 from tasks.nerf.occupancy import OccupancyGrid
 from tasks.nerf.pixels import training_pixels
 from tasks.nerf.settings import settings_from_dict
+from tasks.nerf.smoothness import check_smoothness_settings
 
 CHECKPOINT_FORMAT = "korokoro-ngp/1"
 
@@ -235,10 +236,7 @@ def _train(
     if not bool(visible.any()):
         raise ValueError(f"the hull box {aabb.tolist()} from {hull} is not in view of any training frame; check the hull json")
     train_ids, rects = train_ids[visible], rects[visible]
-    if s.depth_smooth_weight > 0 and (s.depth_smooth_stencils < 1 or s.depth_smooth_stride_px < 1 or s.depth_smooth_robust <= 0):
-        raise ValueError(f"nerf.depth_smooth_stencils ({s.depth_smooth_stencils}) and nerf.depth_smooth_stride_px "
-                         f"({s.depth_smooth_stride_px}) must be >= 1 and nerf.depth_smooth_robust "
-                         f"({s.depth_smooth_robust}) > 0 while nerf.depth_smooth_weight is set")
+    check_smoothness_settings(s.depth_smooth_weight, s.depth_smooth_stencils, s.depth_smooth_stride_px, s.depth_smooth_robust)
     # The smoothness prior centres its stencils on product pixels, so it needs their pool too.
     pixels = training_pixels(capture, train_ids, rects, s.object_ray_fraction, s.object_ray_margin_px,
                              keep_object_pixels=s.depth_smooth_weight > 0)

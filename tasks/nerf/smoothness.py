@@ -24,6 +24,13 @@ STENCIL = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))
 ALPHA_FLOOR = 0.1
 
 
+def check_smoothness_settings(weight: float, stencils: int, stride_px: int, robust: float) -> None:
+    """Raise a ValueError naming the setting when the prior is on with settings it cannot use."""
+    if weight > 0 and (stencils < 1 or stride_px < 1 or robust <= 0):
+        raise ValueError(f"nerf.depth_smooth_stencils ({stencils}) and nerf.depth_smooth_stride_px ({stride_px}) "
+                         f"must be >= 1 and nerf.depth_smooth_robust ({robust}) > 0 while nerf.depth_smooth_weight is set")
+
+
 def pick_stencils(
     pixels: TrainingPixels, masks: Tensor, n_stencils: int, stride: int, generator: torch.Generator
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
