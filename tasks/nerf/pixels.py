@@ -47,6 +47,12 @@ class TrainingPixels:
         total = torch.cumsum(self.rect_areas.double(), dim=0)
         return total / total[-1]
 
+    def pick_object_pixels(self, n: int, width: int, height: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """``n`` pixels drawn uniformly from the product pool → frame, u, v ``[n]`` (int64)."""
+        flat = self.object_pixels[torch.randint(self.object_pixels.numel(), (n,), device=self.object_pixels.device,
+                                                generator=generator)]
+        return flat // (width * height), flat % width, flat // width % height
+
     def pick(self, n_rays: int, width: int, height: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         """``n_rays`` pixels → frame ``[n]``, u ``[n]``, v ``[n]`` (int64): object ones first."""
         n_object = round(n_rays * self.object_fraction) if self.object_pixels.numel() else 0
@@ -56,8 +62,7 @@ class TrainingPixels:
         # Each branch runs only when it draws rays: a step is paced by launching kernels, and
         # empty tensors cost a launch each all the same.
         if n_object:
-            flat = self.object_pixels[torch.randint(self.object_pixels.numel(), (n_object,), device=device, generator=generator)]
-            parts.append((flat // (width * height), flat % width, flat // width % height))
+            parts.append(self.pick_object_pixels(n_object, width, height, generator))
         if n_uniform:
             # Inverse CDF, not torch.multinomial: the same draw, and safe inside a captured CUDA graph.
             uniform = torch.rand(n_uniform, device=device, generator=generator, dtype=torch.float64)

@@ -45,11 +45,9 @@ def pick_stencils(
         raise ValueError("the depth-smoothness prior needs product pixels to centre its stencils on; "
                          "the training frames' masks hold none inside the box's view")
     _, height, width = masks.shape
-    pool = pixels.object_pixels
-    flat = pool[torch.randint(pool.numel(), (n_stencils,), device=pool.device, generator=generator)]
-    frame, u0, v0 = flat // (width * height), flat % width, flat // width % height
+    frame, u0, v0 = pixels.pick_object_pixels(n_stencils, width, height, generator)
     # STENCIL's offsets made on the device: a captured graph may copy nothing from the host.
-    arm = torch.arange(len(STENCIL), device=pool.device)
+    arm = torch.arange(len(STENCIL), device=u0.device)
     du = ((arm == 2).long() - (arm == 1).long()) * stride
     dv = ((arm == 4).long() - (arm == 3).long()) * stride
     u = (u0[:, None] + du).clamp(0, width - 1)
