@@ -125,6 +125,33 @@ def test_compare_figure_draws_one_panel_per_figure_and_names_a_bad_run(tmp_path)
         load_runs([str(tmp_path / "a.json")])
 
 
+def test_sweep_figure_keeps_one_setting_apart_and_places_the_preset(tmp_path):
+    import json
+
+    import pytest
+
+    from bench.sweep_figure import draw, sweep_points
+
+    key = "mesh.fusion.surface_opacity"
+    rows = [
+        {"variant": "(preset)", "fscore_1pct": 0.73},
+        {"variant": f"{key}=0.1", "fscore_1pct": 0.77},
+        {"variant": f"{key}=0.1 mesh.smooth_iterations=15", "fscore_1pct": 0.78},  # two settings: left out
+        {"variant": "mesh.smooth_iterations=15", "fscore_1pct": 0.74},  # another setting only: left out
+    ]
+    (tmp_path / "variants.json").write_text(json.dumps(rows))
+    (tmp_path / "run.json").write_text(json.dumps({"quality": {"fscore_1pct": 0.75}}))
+    label, points = sweep_points(key, f"field={tmp_path / 'variants.json'}@0.3")
+    assert label == "field" and [(x, row["fscore_1pct"]) for x, row in points] == [(0.3, 0.73), (0.1, 0.77)]
+    _, run = sweep_points(key, f"field={tmp_path / 'run.json'}@0.2")
+    assert [(x, row["fscore_1pct"]) for x, row in run] == [(0.2, 0.75)]
+    with pytest.raises(ValueError, match="give its value as @preset"):
+        sweep_points(key, f"field={tmp_path / 'variants.json'}")
+    out = tmp_path / "sweep.png"
+    draw({"field": points + run}, key, ["fscore_1pct", "chamfer_of_diag"], "t", out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_true_cameras_land_in_the_runs_world(tmp_path):
     import json
 
