@@ -174,6 +174,19 @@ def test_an_overflowing_graph_is_captured_again_with_room(tmp_path):
     assert extra["psnr_holdout_object"] >= 15.0, extra
 
 
+@pytest.mark.gpu
+def test_levels_opening_during_graph_replays_reach_the_captured_step(tmp_path):
+    # Coarse-to-fine opens the two finest levels only after the capture at step 128: if the graph
+    # kept the weights it was captured with, their entries would never leave instant-ngp's ±1e-4.
+    from tasks.nerf.ngp import load_ngp
+
+    extra = _train_box_scene(tmp_path, coarse_to_fine=0.8, coarse_to_fine_start_levels=2)
+    assert extra["cuda_graph_captures"] >= 1 and extra["psnr_holdout_object"] >= 18.0, extra
+    encoding = load_ngp(tmp_path / "field", "cpu").model.encoding
+    finest = encoding.table[int(encoding.level_offsets[-1]):]
+    assert float(finest.abs().max()) > 1e-2
+
+
 def test_occupancy_refreshes_and_carving_change_the_grid_in_place():
     # A captured step reads the grid's tensors themselves; a refresh that made new ones would be invisible to it.
     aabb, grid = box_grid()

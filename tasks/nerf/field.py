@@ -59,9 +59,34 @@ class NgpModel(nn.Module):
             nn.ReLU(),
             nn.Linear(color_hidden_dim, 3),
         )
+        # Coarse-to-fine (open_levels): each level's features are scaled by its weight. Not saved:
+        # a trained field has every level open, and checkpoints stay loadable without it.
+        self.register_buffer("level_weights", torch.ones(n_levels), persistent=False)
+        self.register_buffer("_level_index", torch.arange(n_levels, dtype=torch.float32), persistent=False)
+        self.levels_scaled = False
+
+    def open_levels(self, progress: float, start_levels: int) -> None:
+        """Coarse-to-fine training (Neuralangelo's, on the hash levels): at ``progress`` 0 only the
+        ``start_levels`` coarsest levels count; the finer ones open one after another, each fading
+        in over one level's span, until all do at 1. Why: the first steps then shape the product
+        from coarse features, before fine levels can copy texture into surface or place thin
+        false sheets where colour leaves depth loose. Fills the weights in place (no host sync, and
+        a captured CUDA graph reads them)."""
+        n_levels = self.level_weights.shape[0]
+        opened = start_levels + (n_levels - start_levels) * min(max(progress, 0.0), 1.0)
+        self.level_weights.copy_((opened - self._level_index).clamp_(0.0, 1.0))
+        self.levels_scaled = True
 
     def _unit(self, points: Tensor) -> Tensor:
         return (points - self.aabb[0]) / (self.aabb[1] - self.aabb[0])
+
+    def _encode(self, points: Tensor, n_levels: int | None = None) -> Tensor:
+        """points ``[N, 3]`` → the first ``n_levels`` (all) levels' features ``[N, n_levels * F]``."""
+        features = self.encoding(self._unit(points), n_levels)
+        if not self.levels_scaled:
+            return features
+        weights = self.level_weights[: features.shape[1] // self.encoding.features_per_level]
+        return features * weights.repeat_interleave(self.encoding.features_per_level).to(features.dtype)
 
     def _density_head(self, features: Tensor) -> tuple[Tensor, Tensor]:
         out = self.density_mlp(features)
@@ -70,7 +95,7 @@ class NgpModel(nn.Module):
 
     def geometry(self, points: Tensor) -> tuple[Tensor, Tensor]:
         """points ``[N, 3]`` → density ``[N]`` (float32, >= 0), geometry feature ``[N, geo_feat_dim]``."""
-        return self._density_head(self.encoding(self._unit(points), self.geometry_levels))
+        return self._density_head(self._encode(points, self.geometry_levels))
 
     def density(self, points: Tensor) -> Tensor:
         """points ``[N, 3]`` → density ``[N]``; zero outside the box."""
@@ -79,7 +104,7 @@ class NgpModel(nn.Module):
 
     def forward(self, points: Tensor, directions: Tensor) -> tuple[Tensor, Tensor]:
         """points, unit directions ``[N, 3]`` → density ``[N]``, rgb ``[N, 3]`` in 0..1 (float32)."""
-        features = self.encoding(self._unit(points))
+        features = self._encode(points)
         split = self.geometry_levels * self.encoding.features_per_level
         sigma, geo = self._density_head(features[:, :split])
         sh = spherical_harmonics(directions).to(geo.dtype)

@@ -64,6 +64,8 @@ class NgpSettings:
     base_resolution: int = 16
     finest_resolution: int = 2048
     geometry_levels: int = 0
+    coarse_to_fine: float = 0.0
+    coarse_to_fine_start_levels: int = 4
     hidden_dim: int = 64
     geo_feat_dim: int = 15
     color_hidden_dim: int = 64
@@ -126,6 +128,9 @@ def padded_aabb(hull_aabb: Tensor, padding: float) -> Tensor:
 
 def build_field(s: NgpSettings, aabb: Tensor, device: torch.device) -> tuple[NgpModel, OccupancyGrid, float]:
     """A fresh model, its occupancy grid and the render step (box diagonal / samples_per_ray)."""
+    if not (0.0 <= s.coarse_to_fine <= 1.0 and 1 <= s.coarse_to_fine_start_levels <= s.n_levels):
+        raise ValueError(f"nerf.coarse_to_fine={s.coarse_to_fine} must be a share of the steps in [0, 1] and "
+                         f"nerf.coarse_to_fine_start_levels={s.coarse_to_fine_start_levels} in 1..n_levels={s.n_levels}")
     model = NgpModel(
         aabb, s.n_levels, s.features_per_level, s.log2_hashmap_size, s.base_resolution,
         s.finest_resolution, s.hidden_dim, s.geo_feat_dim, s.color_hidden_dim, s.geometry_levels,
@@ -276,6 +281,8 @@ def _train(
             if captured is not None:
                 captured.check(step)
         set_learning_rate(optimizer, base_lrs, learning_rate_factor(step, s))
+        if s.coarse_to_fine > 0:
+            model.open_levels(step / (s.coarse_to_fine * s.steps), s.coarse_to_fine_start_levels)
         use_prior = sparse is not None and step < s.depth_loss_until * s.steps
         prior_steps += use_prior
         # The smoothness prior waits for a surface to smooth: on the first steps' haze, where rays
