@@ -53,12 +53,23 @@ def draw(runs: list[tuple[str, dict]], figures: list[str], title: str, out: Path
             if value is not None:
                 ax.annotate(f"{value:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                             ha="center", va="bottom", fontsize=8)
-        bound = BOUNDS.get(key.removesuffix("_icp"))
-        if bound is not None:
-            ax.axhline(bound, color="#e45756", linestyle="--", linewidth=1)
+        mark_bound(ax, key)
         ax.axhline(0, color="black", linewidth=0.5)
-        ax.set_title(key, fontsize=9)
         ax.set_xticks(range(len(runs)), labels, rotation=30, ha="right", fontsize=8)
+    save_figure(fig, title, out)
+
+
+def mark_bound(ax: plt.Axes, key: str) -> None:
+    """Title a figure's panel with its key, and mark the issue's bound on it (an ``_icp`` figure
+    takes the bound of the figure it refines) as a dashed line where bench/targets.py has one."""
+    bound = BOUNDS.get(key.removesuffix("_icp"))
+    if bound is not None:
+        ax.axhline(bound, color="#e45756", linestyle="--", linewidth=1)
+    ax.set_title(key, fontsize=9)
+
+
+def save_figure(fig: plt.Figure, title: str, out: Path) -> None:
+    """Give ``fig`` its title and write it to ``out`` (a PNG), making the folder."""
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

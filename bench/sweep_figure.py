@@ -22,7 +22,7 @@ from pathlib import Path
 
 import matplotlib
 
-from bench.compare_figure import BOUNDS
+from bench.compare_figure import mark_bound, save_figure
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -56,18 +56,11 @@ def draw(series: dict[str, list[tuple[float, dict]]], setting: str, figures: lis
         for label, points in series.items():
             pts = sorted((x, row[key]) for x, row in points if row.get(key) is not None)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        bound = BOUNDS.get(key) or BOUNDS.get(key.replace("_icp", ""))
-        if bound is not None:
-            ax.axhline(bound, color="grey", linestyle="--", linewidth=1)
-        ax.set_title(key, fontsize=9)
+        mark_bound(ax, key)
         ax.set_xlabel(setting, fontsize=8)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, title, out)
 
 
 def main() -> None:
