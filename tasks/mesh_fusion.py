@@ -44,7 +44,7 @@ class FusionSettings:
     truncation_voxels: float = 4.0
     behind_voxels: float | None = None
     min_alpha: float = 0.5
-    surface_opacity: float = 0.15
+    surface_opacity: float = 0.3
     solid_alpha: float = 0.0
     carve_fraction: float = 0.1
     open_fraction: float = 0.05
