@@ -59,11 +59,18 @@ class NgpModel(nn.Module):
             nn.ReLU(),
             nn.Linear(color_hidden_dim, 3),
         )
-        # Coarse-to-fine (open_levels): each level's features are scaled by its weight. Not saved:
-        # a trained field has every level open, and checkpoints stay loadable without it.
-        self.register_buffer("level_weights", torch.ones(n_levels), persistent=False)
-        self.register_buffer("_level_index", torch.arange(n_levels, dtype=torch.float32), persistent=False)
+        # Coarse-to-fine (open_levels): each feature is scaled by its level's weight, kept per feature
+        # so a call multiplies once. Not saved: a trained field has every level open, and
+        # checkpoints stay loadable without it.
+        feature_level = torch.arange(n_levels, dtype=torch.float32).repeat_interleave(features_per_level)
+        self.register_buffer("_feature_level", feature_level, persistent=False)
+        self.register_buffer("feature_weights", torch.ones_like(feature_level), persistent=False)
         self.levels_scaled = False
+
+    @property
+    def level_weights(self) -> Tensor:
+        """Each level's weight ``[n_levels]`` (a view of the per-feature weights)."""
+        return self.feature_weights[:: self.encoding.features_per_level]
 
     def open_levels(self, progress: float, start_levels: int) -> None:
         """Coarse-to-fine training (Neuralangelo's, on the hash levels): at ``progress`` 0 only the
@@ -72,9 +79,9 @@ class NgpModel(nn.Module):
         from coarse features, before fine levels can copy texture into surface or place thin
         false sheets where colour leaves depth loose. Fills the weights in place (no host sync, and
         a captured CUDA graph reads them)."""
-        n_levels = self.level_weights.shape[0]
+        n_levels = self.encoding.n_levels
         opened = start_levels + (n_levels - start_levels) * min(max(progress, 0.0), 1.0)
-        self.level_weights.copy_((opened - self._level_index).clamp_(0.0, 1.0))
+        self.feature_weights.copy_((opened - self._feature_level).clamp_(0.0, 1.0))
         self.levels_scaled = True
 
     def _unit(self, points: Tensor) -> Tensor:
@@ -85,8 +92,7 @@ class NgpModel(nn.Module):
         features = self.encoding(self._unit(points), n_levels)
         if not self.levels_scaled:
             return features
-        weights = self.level_weights[: features.shape[1] // self.encoding.features_per_level]
-        return features * weights.repeat_interleave(self.encoding.features_per_level).to(features.dtype)
+        return features * self.feature_weights[: features.shape[1]].to(features.dtype)
 
     def _density_head(self, features: Tensor) -> tuple[Tensor, Tensor]:
         out = self.density_mlp(features)
