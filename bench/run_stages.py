@@ -52,6 +52,20 @@ def _timed(rows: list[dict[str, Any]], name: str, fn: Callable[[], Any]) -> Any:
     return result
 
 
+def training_gpu_peak_mb(train_metrics: dict[str, Any], measured_here: int | None) -> int | None:
+    """The train stage's peak GPU MB: torch's peak in this process, unless an outside tool trained.
+
+    nerfstudio and instant-ngp train in their own process or allocator (metrics.json ``extra``
+    names a ``peak_memory_kind``), so this process's peak is not the training's: their own GPU
+    figure when they report one, else ``None`` (not measured), never a 0 that passes the bound.
+    """
+    kind = train_metrics.get("extra", {}).get("peak_memory_kind")
+    if kind is None:
+        return measured_here
+    own = train_metrics.get("peak_memory_mb")
+    return round(own) if kind.startswith("GPU") and own else None
+
+
 def existing_frames(folder: Path) -> FrameSet:
     """A frames folder made earlier by the frames stage (``frames.json`` + images)."""
     index = json.loads((folder / "frames.json").read_text())
@@ -110,6 +124,8 @@ def run(
         figures["position_error_of_radius_median_refined"] = cams["position_error_of_radius_median"]
     figures.update(quality.mask_quality(stills.index, masks.transforms, truth))
     train_metrics = json.loads(field.metrics.read_text())
+    train_row = next(r for r in rows if r["stage"] == "train")
+    train_row["peak_gpu_mb"] = training_gpu_peak_mb(train_metrics, train_row["peak_gpu_mb"])
     figures["psnr_holdout_object"] = train_metrics.get("extra", {}).get("psnr_holdout_object")
     figures["train_steps"] = train_metrics.get("steps")
     estimate = quality.glb_in_truth_frame(asset.glb, stills.index, rig.transforms, truth)

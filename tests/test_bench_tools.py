@@ -9,6 +9,7 @@ import trimesh
 
 from bench.quality import precision_by_facing, refine_alignment
 from bench.records import load_records, save_records
+from bench.run_stages import training_gpu_peak_mb
 from tasks.types import CameraRig, FrameSet
 
 
@@ -357,3 +358,14 @@ def test_texture_ceiling_compares_the_glbs_texture_with_the_colour_at_each_point
         scores[name] = texture_psnr(glb, field, tmp_path / "tt", np.eye(4), views=1, scale=1.0)["texture_psnr"]
     field.close()
     assert scores["true"] > 20.0 > 8.0 > scores["inverted"]
+
+
+def test_train_gpu_peak_is_not_a_passing_zero_when_an_outside_tool_trained():
+    # Our own backend: torch's peak in this process is the training's.
+    assert training_gpu_peak_mb({"peak_memory_mb": 2500.0, "extra": {}}, 2510) == 2510
+    # nerfstudio trains in a subprocess and reports host RSS: not measured (this process saw 0).
+    nerfacto = {"peak_memory_mb": 1172.0, "extra": {"peak_memory_kind": "host RSS of the largest nerfstudio process"}}
+    assert training_gpu_peak_mb(nerfacto, 0) is None
+    # instant-ngp reports the device's GPU use itself.
+    pyngp = {"peak_memory_mb": 6144.4, "extra": {"peak_memory_kind": "GPU used, device-wide, sampled every log_every steps"}}
+    assert training_gpu_peak_mb(pyngp, 12) == 6144

@@ -262,12 +262,16 @@ def test_nerfacto_command_lines_are_exact():
     assert ns_export_command(s, Path("/env/bin"), Path("/ck/config.yml"), Path("/ck/export"), box) == [
         "/env/bin/ns-export", "poisson", "--load-config", "/ck/config.yml", "--output-dir", "/ck/export",
         "--use-bounding-box", "True", "--bounding-box-min", "-0.5", "-0.25", "0", "--bounding-box-max", "0.5", "0.25", "0.75",
-        "--target-num-faces", "50000", "--num-pixels-per-side", "2048",
+        "--target-num-faces", "50000", "--num-pixels-per-side", "2048", "--texture-method", "nerf",
         "--obb-center", "0", "0", "0.375", "--obb-rotation", "0", "0", "0", "--obb-scale", "1", "0.5", "0.75",
         "--num-points", "1000000", "--remove-outliers", "True", "--normal-method", "open3d",
     ]
-    tsdf = NerfactoSettings(export_method="tsdf", tsdf_resolution=192)
-    assert ns_export_command(tsdf, Path("/b"), Path("/c.yml"), Path("/e"), box)[1:2] + ns_export_command(tsdf, Path("/b"), Path("/c.yml"), Path("/e"), box)[-2:] == ["tsdf", "--resolution", "192"]
+    tsdf = ns_export_command(NerfactoSettings(export_method="tsdf", tsdf_resolution=192), Path("/b"), Path("/c.yml"), Path("/e"), box)
+    assert tsdf[1:2] + tsdf[-4:] == ["tsdf", "--texture-method", "nerf", "--resolution", "192"]
+    # Without the texture bake each method keeps its own colours (nerfstudio's names differ).
+    for method, colours in (("tsdf", "tsdf"), ("poisson", "point_cloud")):
+        command = ns_export_command(NerfactoSettings(export_method=method, export_texture=False), Path("/b"), Path("/c.yml"), Path("/e"), box)
+        assert command[command.index("--texture-method") + 1] == colours
 
 
 @pytest.mark.parametrize("env_path", ["", "missing-folder"])
@@ -287,7 +291,8 @@ def test_nerfacto_end_to_end_against_stand_in_tools(masks, tmp_path, ns_env):
     train_argv, export_argv, eval_argv = calls(ns_env)
     assert train_argv[:2] == ["nerfacto", "--output-dir"] and train_argv[train_argv.index("--eval-interval") + 1] == str(HOLDOUT_EVERY)
     assert export_argv[:3] == ["poisson", "--load-config", str(out / "runs/korokoro/nerfacto/train/config.yml")]
-    assert eval_argv == ["--load-config", str(out / "runs/korokoro/nerfacto/train/config.yml"), "--output-path", str(out / "eval.json")]
+    assert eval_argv == ["--load-config", str(out / "runs/korokoro/nerfacto/train/config.yml"), "--output-path", str(out / "eval.json"),
+                         "--render-output-path", str(out / "eval_renders")]
     # The export box is our padded hull box carried into nerfstudio's coordinates.
     transform = np.array([[0.0, -1.0, 0.0, 0.1], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, -0.2]])
     metrics = json.loads(trained.metrics.read_text())
@@ -301,6 +306,15 @@ def test_nerfacto_end_to_end_against_stand_in_tools(masks, tmp_path, ns_env):
     assert metrics["backend"] == "nerfacto" and metrics["steps"] == 30
     assert extra["psnr_holdout_nerfstudio"] == 31.5 and extra["nerfstudio_eval"]["ssim"] == 0.95
     assert extra["psnr_holdout_object"] is None and extra["holdout_frames"] == 3 and extra["train_frames"] == 7
+    # Our object PSNR from ns-eval's renders: the stand-in renders each held-out frame's object
+    # pixels RENDER_OFFSET brighter (clipped at 255), so the error is known per pixel.
+    squared, count = 0.0, 0
+    for k in (0, HOLDOUT_EVERY, 2 * HOLDOUT_EVERY):
+        rgba = cv2.imread(str(out / f"data/images/{k:05d}.png"), cv2.IMREAD_UNCHANGED).astype(np.float64)
+        rgb, on_object = rgba[..., :3], rgba[..., 3] > 127
+        squared += float((((np.minimum(rgb + 16, 255) - rgb) / 255.0)[on_object] ** 2).sum())
+        count += 3 * int(on_object.sum())
+    assert count > 0 and extra["psnr_holdout_object_on_black"] == pytest.approx(-10 * math.log10(squared / count), abs=0.01)
     assert extra["checkpoint"].endswith("nerfstudio_models/step-000000029.ckpt") and extra["textured_obj"].endswith("export/mesh.obj")
     assert {p.name for p in (out / "logs").iterdir()} == {"ns-train.log", "ns-export.log", "ns-eval.log"}
     assert (out / "logs/ns-train.log").read_text().startswith(f"$ {ns_env / 'ns-train'} nerfacto")
@@ -355,6 +369,13 @@ def test_nerfacto_timeout_stops_the_tool_and_its_children(masks, tmp_path, ns_en
     assert "training..." in (tmp_path / "train/logs/ns-train.log").read_text()
 
 
+def test_nerfacto_refuses_held_out_renders_in_another_order(masks, tmp_path, ns_env, monkeypatch):
+    monkeypatch.setenv("FAKE_NS_MODE", "shuffled")
+    settings = nerf_settings("nerf=nerfacto", f"nerf.env_path={ns_env}", f"nerf.holdout_every={HOLDOUT_EVERY}")
+    with pytest.raises(NerfstudioError, match=r"eval_img_0000.png does not show held-out frame 0 .*ns-eval's order differs"):
+        train_field(masks, tmp_path / "train", settings, "fp")
+
+
 def test_nerfacto_failure_quotes_the_end_of_the_log(masks, tmp_path, ns_env, monkeypatch):
     monkeypatch.setenv("FAKE_NS_MODE", "fail")
     settings = nerf_settings("nerf=nerfacto", f"nerf.env_path={ns_env}")
@@ -373,3 +394,38 @@ def test_setup_env_script_prints_the_override(tmp_path):
     refused = subprocess.run(["bash", str(REPO / "infra/nerfstudio/setup_env.sh"), str(tmp_path / "env")],
                              env={**os.environ, "DRY_RUN": "1", "TORCH_VERSION": "2.6.0"}, capture_output=True, text=True)
     assert refused.returncode == 2 and "need torch < 2.6" in refused.stderr and "+ " not in refused.stdout
+
+
+def _load_shim(name: str):
+    import importlib.util
+
+    path = REPO / "bench/nerfstudio_offline/shims" / name / "__init__.py"
+    spec = importlib.util.spec_from_file_location(f"shim_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_offline_pymeshlab_shim_writes_the_tsdf_mesh_nerfstudio_hands_it(tmp_path):
+    # What nerfstudio 1.1.5's TSDF.export_mesh passes: float64 vertices / normals, int32 faces, RGBA in 0..1.
+    from tasks.nerf.mesh_field import read_mesh
+
+    pymeshlab = _load_shim("pymeshlab")
+    sphere = trimesh.creation.icosphere(subdivisions=2)
+    rgba = np.concatenate([np.linspace(0, 1, len(sphere.vertices))[:, None].repeat(3, 1), np.ones((len(sphere.vertices), 1))], 1)
+    mesh = pymeshlab.Mesh(vertex_matrix=sphere.vertices.astype("float64"), face_matrix=sphere.faces.astype("int32"),
+                          v_normals_matrix=sphere.vertex_normals.astype("float64"), v_color_matrix=rgba)
+    meshes = pymeshlab.MeshSet()
+    meshes.add_mesh(mesh, "mesh")
+    meshes.save_current_mesh(str(tmp_path / "tsdf_mesh.ply"))
+    vertices, faces, colors = read_mesh(tmp_path / "tsdf_mesh.ply")
+    assert np.allclose(vertices, sphere.vertices, atol=1e-6) and np.array_equal(faces, sphere.faces)
+    assert np.allclose(colors, np.round(rgba[:, :3] * 255) / 255, atol=1e-6)
+    with pytest.raises(NotImplementedError, match="meshing_decimation_quadric_edge_collapse"):
+        meshes.meshing_decimation_quadric_edge_collapse(targetfacenum=100)
+
+
+def test_offline_open3d_shim_imports_but_refuses_use():
+    open3d = _load_shim("open3d")
+    with pytest.raises(ImportError, match="open3d.geometry: .*use nerf.export_method=tsdf"):
+        open3d.geometry.PointCloud()

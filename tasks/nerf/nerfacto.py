@@ -17,8 +17,10 @@ the limit) and its output kept in ``<checkpoint>/logs/<tool>.log``.
    ``poisson_mesh.ply`` / ``tsdf_mesh.ply`` (vertex colours) and the xatlas-textured ``mesh.obj`` +
    ``material_0.mtl`` + ``material_0.png``. Poisson uses ``--normal-method open3d`` because nerfacto
    predicts no normals unless trained with them.
-3. ``ns-eval`` → ``eval.json``: nerfstudio's own PSNR / SSIM / LPIPS on the held-out frames (whole
-   images, its background handling; not our object-pixel PSNR, which needs renders we cannot get).
+3. ``ns-eval --render-output-path`` → ``eval.json``: nerfstudio's own PSNR / SSIM / LPIPS on the
+   held-out frames (whole images on black), and its renders of them, from which
+   :func:`holdout_psnr_on_black` takes our object-pixel PSNR (the ngp backend's
+   ``psnr_holdout_object_on_black``).
 
 The mesh stage wants a density field, and a nerfstudio checkpoint only loads inside nerfstudio's
 environment. So the interface is the exported mesh: its vertices are mapped back from nerfstudio's
@@ -40,7 +42,10 @@ hundreds of units, hence the obb, whose meaning (centre, full side lengths) was 
 nerfstudio's OrientedBox. The cropped poisson export was NOT seen to finish: on the CPU the
 barely trained model gave too few opaque points inside the box within 20 min (``export_timeout_s``
 bounds this). The tests run this module end to end against stand-in ``ns-*`` scripts.
-Not verified: a CUDA run, tcnn, timings and quality on real captures.
+On the H100 (session 15, bench/RESULTS.md): the whole chain ran on the 1080p basket from
+bench/nerfstudio_offline's environment (torch 2.11, ``implementation=torch``, ``export_method=tsdf``,
+``export_texture=false``), and the held-out renders paired with our frames. Not verified: tcnn,
+Poisson on a GPU, nerfacto's full 30000 steps.
 """
 
 from __future__ import annotations
@@ -57,15 +62,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import cv2
 import numpy as np
 
 from tasks.nerf.base import TrainReport, register_backend
-from tasks.nerf.external import MeshBackedBackend, padded_box, prepare_rgba_capture, split_settings, warn_ignored
+from tasks.nerf.external import MeshBackedBackend, PreparedCapture, padded_box, prepare_rgba_capture, split_settings, warn_ignored
 from tasks.nerf.mesh_field import MeshFieldOptions, read_mesh, write_mesh_field
 
 TOOLS = ("ns-train", "ns-export", "ns-eval")
 EXPERIMENT, TIMESTAMP = "korokoro", "train"
 EXPORT_MESH = {"poisson": "poisson_mesh.ply", "tsdf": "tsdf_mesh.ply"}
+TEXTURE_OFF = {"poisson": "point_cloud", "tsdf": "tsdf"}  # --texture-method without the mesh.obj bake
 SETUP_SCRIPT = "infra/nerfstudio/setup_env.sh"
 
 
@@ -93,6 +100,7 @@ class NerfactoSettings(MeshFieldOptions):
     export_num_points: int = 1000000
     export_target_num_faces: int = 50000
     export_texture_pixels: int = 2048
+    export_texture: bool = True
     tsdf_resolution: int = 256
     run_eval: bool = True
     extra_train_args: str = ""
@@ -169,6 +177,8 @@ def ns_export_command(s: NerfactoSettings, bin_dir: Path, config: Path, export_d
         "--bounding-box-max", *fmt(box[1]),
         "--target-num-faces", str(s.export_target_num_faces),
         "--num-pixels-per-side", str(s.export_texture_pixels),
+        # "nerf" also bakes nerfstudio's textured mesh.obj; the other keeps only the coloured mesh.
+        "--texture-method", "nerf" if s.export_texture else TEXTURE_OFF[s.export_method],
     ]
     if s.export_method == "poisson":
         method = [
@@ -180,9 +190,39 @@ def ns_export_command(s: NerfactoSettings, bin_dir: Path, config: Path, export_d
     return [str(bin_dir / "ns-export"), s.export_method, *common, *method]
 
 
-def ns_eval_command(bin_dir: Path, config: Path, output: Path) -> list[str]:
-    """``ns-eval`` of ``config``'s model on its held-out frames, results to ``output`` (json)."""
-    return [str(bin_dir / "ns-eval"), "--load-config", str(config), "--output-path", str(output)]
+def ns_eval_command(bin_dir: Path, config: Path, output: Path, renders: Path) -> list[str]:
+    """``ns-eval`` of ``config``'s model on its held-out frames: results to ``output`` (json), images to ``renders``."""
+    return [str(bin_dir / "ns-eval"), "--load-config", str(config), "--output-path", str(output), "--render-output-path", str(renders)]
+
+
+def holdout_psnr_on_black(renders: Path, prepared: PreparedCapture) -> float:
+    """Object-pixel PSNR (dB) of nerfstudio's held-out renders, on black, pooled over the frames.
+
+    ``ns-eval --render-output-path`` writes ``eval_img_<j>.png`` per held-out frame, in its eval
+    order (our ``holdout_ids``: ``--eval-mode interval`` picks every n-th frame the same way): the
+    true frame on black | the rendering. With ``background_color=random`` nerfacto renders on black,
+    so this is the ngp backend's ``psnr_holdout_object_on_black``: rendering against the frame on
+    the mask's pixels (the RGBA's alpha > 127), in the frame's own (distorted) geometry, as
+    nerfstudio renders it. Each pairing is checked: the left half must be our frame on black.
+    """
+    images = sorted(Path(renders).glob("eval_img_*.png"))
+    if len(images) != len(prepared.holdout_ids):
+        raise NerfstudioError(f"ns-eval wrote {len(images)} eval_img_*.png in {renders}, expected one per held-out frame ({len(prepared.holdout_ids)})")
+    squared_error, values = 0.0, 0
+    for path, k in zip(images, prepared.holdout_ids):
+        rgba = cv2.imread(str(prepared.data_dir / prepared.frames[k]["file_path"]), cv2.IMREAD_UNCHANGED)
+        strip = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        h, w = rgba.shape[:2]
+        if strip is None or strip.shape != (h, 2 * w, 3):
+            raise NerfstudioError(f"{path} is not a {2 * w}x{h} truth | rendering strip of held-out frame {k}")
+        truth, alpha = rgba[..., :3].astype(np.float64) / 255.0, rgba[..., 3].astype(np.float64) / 255.0
+        shown_truth, rendered = strip[:, :w].astype(np.float64) / 255.0, strip[:, w:].astype(np.float64) / 255.0
+        if np.abs(shown_truth - truth * alpha[..., None]).mean() > 2.0 / 255.0:
+            raise NerfstudioError(f"{path} does not show held-out frame {k} ({prepared.frames[k]['file_path']}): ns-eval's order differs from ours")
+        mask = alpha > 0.5
+        squared_error += float(((rendered - truth)[mask] ** 2).sum())
+        values += int(mask.sum()) * 3
+    return -10.0 * np.log10(max(squared_error / max(values, 1), 1e-10))
 
 
 def run_tool(command: list[str], log: Path, timeout_s: float, timeout_key: str, bin_dir: Path) -> float:
@@ -291,10 +331,13 @@ def train_nerfacto(
         "tool": f"ns-export {s.export_method}", "mesh": str(mesh_path), "checkpoint": str(checkpoint),
     })
 
-    results = None
+    results, psnr_on_black = None, None
     if s.run_eval and prepared.holdout_ids:
-        run_tool(ns_eval_command(bin_dir, config, out_dir / "eval.json"), logs / "ns-eval.log", s.eval_timeout_s, "eval_timeout_s", bin_dir)
+        renders = out_dir / "eval_renders"
+        shutil.rmtree(renders, ignore_errors=True)
+        run_tool(ns_eval_command(bin_dir, config, out_dir / "eval.json", renders), logs / "ns-eval.log", s.eval_timeout_s, "eval_timeout_s", bin_dir)
         results = json.loads((out_dir / "eval.json").read_text()).get("results")
+        psnr_on_black = holdout_psnr_on_black(renders, prepared)
     return TrainReport(
         steps=s.max_num_iterations,
         seconds=train_seconds,
@@ -302,7 +345,8 @@ def train_nerfacto(
         peak_memory_mb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0,
         device="cuda (nerfstudio)",
         extra={
-            "psnr_holdout_object": None,  # needs renders of the held-out views, which only nerfstudio can make
+            "psnr_holdout_object": None,  # composited over the plate: needs the rendered alpha, which ns-eval saves only as a colour map
+            "psnr_holdout_object_on_black": psnr_on_black,
             "psnr_holdout_nerfstudio": (results or {}).get("psnr"),
             "nerfstudio_eval": results,
             "peak_memory_kind": "host RSS of the largest nerfstudio process",
