@@ -429,3 +429,32 @@ def test_offline_open3d_shim_imports_but_refuses_use():
     open3d = _load_shim("open3d")
     with pytest.raises(ImportError, match="open3d.geometry: .*use nerf.export_method=tsdf"):
         open3d.geometry.PointCloud()
+
+
+def test_rgba_capture_cropped_to_the_product_keeps_every_pixel_where_its_camera_sees_it(masks, tmp_path):
+    whole = prepare_rgba_capture(masks.transforms, tmp_path / "whole", HOLDOUT_EVERY)
+    cropped = prepare_rgba_capture(masks.transforms, tmp_path / "cropped", HOLDOUT_EVERY, crop_margin=0.1)
+    full, crop = json.loads(whole.transforms.read_text()), json.loads(cropped.transforms.read_text())
+    w, h = crop["w"], crop["h"]
+    assert w < full["w"] and h < full["h"] and "cx" not in crop and "cy" not in crop
+    assert crop["fl_x"] == full["fl_x"] and crop["camera_model"] == full["camera_model"]  # focal and model unchanged
+    for k, frame in enumerate(crop["frames"]):
+        big = cv2.imread(str(whole.data_dir / full["frames"][k]["file_path"]), cv2.IMREAD_UNCHANGED)
+        small = cv2.imread(str(cropped.data_dir / frame["file_path"]), cv2.IMREAD_UNCHANGED)
+        x0, y0 = full["cx"] - frame["cx"], full["cy"] - frame["cy"]
+        assert small.shape == (h, w, 4) and float(x0).is_integer() and float(y0).is_integer()
+        # The principal point moved by the crop's corner, so each pixel keeps its ray...
+        assert np.array_equal(small, big[int(y0):int(y0) + h, int(x0):int(x0) + w])
+        # ...and nothing of the product is cut off.
+        assert int((small[..., 3] > 0).sum()) == int((big[..., 3] > 0).sum()) > 0
+
+
+def test_nerfacto_trains_on_frames_cropped_to_the_product(masks, tmp_path, ns_env):
+    settings = nerf_settings("nerf=nerfacto", f"nerf.env_path={ns_env}", "nerf.crop_to_product=true", "nerf.crop_margin=0.1",
+                             f"nerf.holdout_every={HOLDOUT_EVERY}", "nerf.mesh_field_resolution=64")
+    trained = train_field(masks, tmp_path / "train", settings, "fp")
+    data = json.loads((tmp_path / "train/data/transforms.json").read_text())
+    assert data["w"] < SIZE and all("cx" in frame for frame in data["frames"])
+    assert calls(ns_env)[0][calls(ns_env)[0].index("--data") + 1] == str(tmp_path / "train/data/transforms.json")
+    # The held-out renders pair with the cropped frames (a crop of another size would be refused).
+    assert json.loads(trained.metrics.read_text())["extra"]["psnr_holdout_object_on_black"] > 20

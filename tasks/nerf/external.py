@@ -95,13 +95,47 @@ def _rgba_frame(frame_path: Path, mask_path: Path, cutout: Path, out: Path) -> b
     return False
 
 
-def prepare_rgba_capture(transforms: Path, data_dir: Path, holdout_every: int) -> PreparedCapture:
+def crop_to_product(images: list[Path], frames: list[dict[str, Any]], camera: dict[str, Any], margin: float) -> None:
+    """Crop every RGBA image in place to one size around its product; move each principal point.
+
+    One ``w x h`` for all frames (the largest alpha box grown by ``margin`` of its size on every
+    side, at most the frame), centred on each frame's own box and kept inside the frame. The crop
+    only shifts pixel coordinates, so ``cx, cy`` become per-frame (``cx - x0``, ``cy - y0``) and
+    ``camera``'s ``w``, ``h`` the crop's; focal lengths and distortion stay (distortion is about the
+    principal point, which does not move on the sensor). Why: a tool that samples whole frames
+    uniformly (nerfstudio) spends most rays on background when the product is small in the frame.
+    """
+    rgba = [cv2.imread(str(path), cv2.IMREAD_UNCHANGED) for path in images]
+    boxes = []
+    for path, image in zip(images, rgba):
+        ys, xs = np.nonzero(image[..., 3] > 0)
+        if len(xs) == 0:
+            raise CaptureError(f"{path} has an empty mask: nothing to crop to (nerf.crop_margin)")
+        boxes.append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
+    frame_h, frame_w = rgba[0].shape[:2]
+    box = np.array(boxes)
+    w = min(frame_w, int(np.ceil((box[:, 2] - box[:, 0]).max() * (1 + 2 * margin))))
+    h = min(frame_h, int(np.ceil((box[:, 3] - box[:, 1]).max() * (1 + 2 * margin))))
+    for path, image, frame, (u0, v0, u1, v1) in zip(images, rgba, frames, boxes):
+        x0 = int(np.clip(round((u0 + u1 - w) / 2), 0, frame_w - w))
+        y0 = int(np.clip(round((v0 + v1 - h) / 2), 0, frame_h - h))
+        cv2.imwrite(str(path), image[y0:y0 + h, x0:x0 + w])
+        frame["cx"] = float(frame.get("cx", camera["cx"])) - x0
+        frame["cy"] = float(frame.get("cy", camera["cy"])) - y0
+        frame["w"], frame["h"] = w, h
+    for key in ("cx", "cy"):
+        camera.pop(key, None)
+    camera["w"], camera["h"] = w, h
+
+
+def prepare_rgba_capture(transforms: Path, data_dir: Path, holdout_every: int, crop_margin: float | None = None) -> PreparedCapture:
     """Write ``data_dir/images/<k>.png`` (RGBA) and ``data_dir/transforms.json`` from a MaskSet's transforms.
 
     Frames are sorted by their original file_path (as the ngp backend does), so ``holdout_every``
     picks the same held-out frames in every backend; camera keys are passed through untouched
     (both tools undistort OPENCV k1, k2, p1, p2 themselves). ``mask_path`` is dropped: the alpha
     channel carries the mask, and nerfstudio would read a mask_path as "ignore these pixels".
+    ``crop_margin`` (not None): frames cropped around the product (:func:`crop_to_product`).
     """
     transforms = Path(transforms)
     if not transforms.is_file():
@@ -127,6 +161,8 @@ def prepare_rgba_capture(transforms: Path, data_dir: Path, holdout_every: int) -
         written.append({**{key: v for key, v in frame.items() if key not in ("file_path", "mask_path")}, "file_path": name})
         sources.append((frame_path, mask_path))
     camera = {key: v for key, v in meta.items() if key not in ("frames", "korokoro")}
+    if crop_margin is not None:
+        crop_to_product([data_dir / f["file_path"] for f in written], written, camera, crop_margin)
     path = write_transforms(data_dir / "transforms.json", camera, written)
     train_ids, holdout_ids = holdout_split(len(frames), holdout_every)
     return PreparedCapture(

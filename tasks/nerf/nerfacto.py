@@ -95,6 +95,8 @@ class NerfactoSettings(MeshFieldOptions):
     disable_scene_contraction: bool = False
     scene_scale: float = 1.0
     holdout_every: int = 8
+    crop_to_product: bool = False
+    crop_margin: float = 0.15
     aabb_padding: float = 0.1
     export_method: str = "poisson"
     export_num_points: int = 1000000
@@ -301,7 +303,7 @@ def train_nerfacto(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     logs = out_dir / "logs"
-    prepared = prepare_rgba_capture(transforms, out_dir / "data", s.holdout_every)
+    prepared = prepare_rgba_capture(transforms, out_dir / "data", s.holdout_every, s.crop_margin if s.crop_to_product else None)
     runs_dir, export_dir = out_dir / "runs", out_dir / "export"
     for stale in (runs_dir, export_dir):  # a rerun starts from scratch
         if stale.is_dir():
