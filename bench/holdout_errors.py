@@ -19,7 +19,6 @@ the frames stage shrinks frames (area averaging) and thresholded at one half.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +31,11 @@ from bench.records import load_records, run_parser
 from tasks.nerf.base import get_backend
 from tasks.nerf.dataset import _camera_matrix, load_capture
 from tasks.nerf.evaluate import background_plate, composite_on_plate
+from tasks.nerf.rays import psnr_from_mse
 
 
 def _psnr(squared_error: float, values: int) -> float | None:
-    return -10.0 * math.log10(max(squared_error / values, 1e-10)) if values else None
+    return psnr_from_mse(squared_error / values) if values else None
 
 
 def holdout_errors(run: Path, turntable: Path, edge_px: int = 2, device: str = "auto") -> tuple[dict[str, Any], dict[str, Any]]:

@@ -29,6 +29,7 @@ import torch
 from bench.quality import source_index_by_name
 from bench.records import load_records, run_parser
 from tasks.nerf.evaluate import background_plate, composite_on_plate
+from tasks.nerf.rays import psnr_from_mse
 from tools import turntable
 from tools.scans import load_scan
 
@@ -84,11 +85,11 @@ def perfect_ceiling(run: Path, turntable_dir: Path, holdout_every: int = 8) -> d
         for key in sums:
             sums[key] += errors[key]
         values += int(mask.sum()) * 3
-        rows.append({"frame": Path(frame["file_path"]).name, **{f"psnr_{k}": -10 * math.log10(max(v / (int(mask.sum()) * 3), 1e-10)) for k, v in errors.items()}})
+        rows.append({"frame": Path(frame["file_path"]).name, **{f"psnr_{k}": psnr_from_mse(v / (int(mask.sum()) * 3)) for k, v in errors.items()}})
     return {
         "run": Path(run).name,
         "holdout_frames": len(rows),
-        **{f"psnr_{k}": -10 * math.log10(max(v / max(values, 1), 1e-10)) for k, v in sums.items()},
+        **{f"psnr_{k}": psnr_from_mse(v / max(values, 1)) for k, v in sums.items()},
         "frames": rows,
     }
 

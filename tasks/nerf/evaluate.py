@@ -28,7 +28,6 @@ object pixels of all given frames (pooled like PSNR's squared error).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Sequence
 
@@ -40,6 +39,7 @@ from torch import Tensor
 
 from tasks.nerf.dataset import Capture, grow_mask
 from tasks.nerf.field import NgpRadianceField
+from tasks.nerf.rays import psnr_from_mse
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -138,8 +138,8 @@ def evaluate_frames(field: NgpRadianceField, capture: Capture, frame_ids: Sequen
     if not frame_ids or object_values == 0:
         return {"psnr_object": None, "psnr_object_on_black": None, "ssim_object": None, "mask_iou": None}
     return {
-        "psnr_object": -10.0 * math.log10(max(squared_error / object_values, 1e-10)),
-        "psnr_object_on_black": -10.0 * math.log10(max(squared_error_black / object_values, 1e-10)),
+        "psnr_object": psnr_from_mse(squared_error / object_values),
+        "psnr_object_on_black": psnr_from_mse(squared_error_black / object_values),
         "ssim_object": ssim_sum / ssim_pixels,
         "mask_iou": intersection / max(union, 1),
     }

@@ -38,7 +38,6 @@ our tighter unit cube, and its mesh colours' space (``mesh_colors``).
 from __future__ import annotations
 
 import importlib
-import math
 import resource
 import time
 from dataclasses import dataclass
@@ -57,6 +56,7 @@ from tasks.nerf.external import (
 )
 from tasks.mesh_texture import linear_to_srgb
 from tasks.nerf.mesh_field import MeshFieldOptions, write_mesh_field
+from tasks.nerf.rays import psnr_from_mse
 
 SNAPSHOT = "snapshot.msgpack"
 
@@ -190,8 +190,8 @@ def _evaluate_holdout(testbed: Any, prepared: PreparedCapture, holdout_json: Pat
         if s.save_previews and view < 4:
             strip = np.concatenate([truth, np.clip(rgba[..., :3], 0, 1), np.repeat(np.clip(rgba[..., 3:], 0, 1), 3, -1)], 1)
             cv2.imwrite(str(out_dir / f"preview_{k:04d}.png"), (strip[..., ::-1] * 255).round().astype(np.uint8))
-    psnr = -10.0 * math.log10(max(squared / values, 1e-10)) if values else None
-    psnr_black = -10.0 * math.log10(max(squared_black / values, 1e-10)) if values else None
+    psnr = psnr_from_mse(squared / values) if values else None
+    psnr_black = psnr_from_mse(squared_black / values) if values else None
     return {"psnr_holdout_object": psnr, "psnr_holdout_object_on_black": psnr_black,
             "mask_iou_holdout": inter / max(union, 1), "holdout_frames": len(ids)}
 

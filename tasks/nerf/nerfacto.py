@@ -68,6 +68,7 @@ import numpy as np
 from tasks.nerf.base import TrainReport, register_backend
 from tasks.nerf.external import MeshBackedBackend, PreparedCapture, padded_box, prepare_rgba_capture, split_settings, warn_ignored
 from tasks.nerf.mesh_field import MeshFieldOptions, read_mesh, write_mesh_field
+from tasks.nerf.rays import psnr_from_mse
 
 TOOLS = ("ns-train", "ns-export", "ns-eval")
 EXPERIMENT, TIMESTAMP = "korokoro", "train"
@@ -224,7 +225,7 @@ def holdout_psnr_on_black(renders: Path, prepared: PreparedCapture) -> float:
         mask = alpha > 0.5
         squared_error += float(((rendered - truth)[mask] ** 2).sum())
         values += int(mask.sum()) * 3
-    return -10.0 * np.log10(max(squared_error / max(values, 1), 1e-10))
+    return psnr_from_mse(squared_error / max(values, 1))
 
 
 def run_tool(command: list[str], log: Path, timeout_s: float, timeout_key: str, bin_dir: Path) -> float:

@@ -13,7 +13,6 @@ Checkpoint folder: ``field.pt`` (weights, occupancy grid, aabb, settings) and
 from __future__ import annotations
 
 import functools
-import math
 import resource
 import time
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from tasks.nerf.ngp_step import NgpStep
 from tasks.nerf.occupancy import OccupancyGrid
 from tasks.nerf.optimizer import learning_rate_factor, make_optimizer, set_learning_rate
 from tasks.nerf.pixels import training_pixels
+from tasks.nerf.rays import psnr_from_mse
 from tasks.nerf.settings import settings_from_dict
 from tasks.nerf.smoothness import check_smoothness_settings
 
@@ -275,7 +275,7 @@ def _train(
             loss, color_loss = loss.detach(), color_loss.detach()
         if progress is not None and (step % s.log_every == 0 or step == s.steps - 1):
             loss_value = loss.item()
-            psnr_value = -10.0 * math.log10(max(color_loss.item(), 1e-10))
+            psnr_value = psnr_from_mse(color_loss.item())
             progress(step + 1, s.steps, {"loss": loss_value, "psnr": psnr_value, "occupied": occupancy.occupied_fraction})
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # replayed steps run behind the host; time them to their end

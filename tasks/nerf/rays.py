@@ -8,6 +8,8 @@ compositing stays one vectorised cumulative sum per batch.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -111,6 +113,11 @@ def composite(
         reached = running[:, -1] >= surface_opacity
         out["depth_surface"] = torch.where(reached, t_mid.gather(-1, crossed[:, None])[:, 0], torch.zeros_like(depth))
     return out
+
+
+def psnr_from_mse(mse: float) -> float:
+    """PSNR in dB of colours in 0..1 from their mean squared error (floored at 1e-10, i.e. 100 dB)."""
+    return -10.0 * math.log10(max(mse, 1e-10))
 
 
 def psnr(prediction: Tensor, target: Tensor) -> float:

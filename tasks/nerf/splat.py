@@ -34,7 +34,7 @@ from tasks.nerf.depth_prior import read_point_views, reliable_points
 from tasks.nerf.evaluate import quality_report, ssim_map
 from tasks.nerf.external import split_settings, warn_ignored
 from tasks.nerf.ngp import _peak_memory_mb, choose_device, padded_aabb
-from tasks.nerf.rays import camera_to_pixels
+from tasks.nerf.rays import camera_to_pixels, psnr_from_mse
 from tasks.nerf.settings import settings_from_dict
 from tasks.nerf.splat_field import SH_C0, SplatRadianceField, activated
 from tasks.nerf.surfels import depth_to_normals, rasterize
@@ -317,7 +317,7 @@ def _train(
         if progress is not None and ((step + 1) % s.log_every == 0 or step + 1 == s.iterations):
             with torch.no_grad():
                 mse = float(((rgb - target)[mask] ** 2).mean()) if bool(mask.any()) else float("nan")
-            progress(step + 1, s.iterations, {"loss": float(loss.detach()), "psnr": -10 * math.log10(max(mse, 1e-10)),
+            progress(step + 1, s.iterations, {"loss": float(loss.detach()), "psnr": psnr_from_mse(mse),
                                           "surfels": float(len(params["means"]))})
     if device.type == "cuda":
         torch.cuda.synchronize(device)
