@@ -317,7 +317,8 @@ def test_nerfacto_without_its_environment_names_the_setting_and_the_script(masks
 
 
 def test_nerfacto_end_to_end_against_stand_in_tools(masks, tmp_path, ns_env):
-    settings = nerf_settings("nerf=nerfacto", f"nerf.env_path={ns_env.parent}", "nerf.max_num_iterations=30",
+    # Whole frames (crop_to_product off): the crop's own round is test_nerfacto_trains_on_frames_cropped_to_the_product.
+    settings = nerf_settings("nerf=nerfacto", f"nerf.env_path={ns_env.parent}", "nerf.max_num_iterations=30", "nerf.crop_to_product=false",
                              f"nerf.holdout_every={HOLDOUT_EVERY}", "nerf.mesh_field_resolution=64")
     trained = train_field(masks, tmp_path / "train", settings, "fp")
     out = tmp_path / "train"
@@ -483,7 +484,7 @@ def test_rgba_capture_cropped_to_the_product_keeps_every_pixel_where_its_camera_
 
 
 def test_nerfacto_trains_on_frames_cropped_to_the_product(masks, tmp_path, ns_env):
-    settings = nerf_settings("nerf=nerfacto", f"nerf.env_path={ns_env}", "nerf.crop_to_product=true", "nerf.crop_margin=0.1",
+    settings = nerf_settings("nerf=nerfacto", f"nerf.env_path={ns_env}", "nerf.crop_margin=0.1",  # crop_to_product: the default
                              f"nerf.holdout_every={HOLDOUT_EVERY}", "nerf.mesh_field_resolution=64")
     trained = train_field(masks, tmp_path / "train", settings, "fp")
     data = json.loads((tmp_path / "train/data/transforms.json").read_text())

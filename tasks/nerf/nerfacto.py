@@ -96,7 +96,7 @@ class NerfactoSettings(MeshFieldOptions):
     disable_scene_contraction: bool = False
     scene_scale: float = 1.0
     holdout_every: int = 8
-    crop_to_product: bool = False
+    crop_to_product: bool = True
     crop_margin: float = 0.15
     aabb_padding: float = 0.1
     export_method: str = "poisson"
