@@ -43,7 +43,8 @@ from tasks import mesh_geometry as geo
 from tasks.mesh import MeshSettings, extract_mesh
 from tasks.mesh_texture import linear_to_srgb
 from tasks.nerf.base import get_backend
-from tasks.nerf.external import prepare_rgba_capture
+from tasks.nerf.dataset import CaptureError
+from tasks.nerf.external import crop_to_product, prepare_rgba_capture
 from tasks.nerf.instant_ngp import InstantNgpSettings, PyngpMissingError, ngp_to_world
 from tasks.nerf.mesh_field import MeshField, inside_mesh_grid
 from tasks.nerf.nerfacto import NerfactoSettings, NerfstudioError, from_nerfstudio, ns_export_command, ns_train_command, to_nerfstudio
@@ -481,6 +482,29 @@ def test_rgba_capture_cropped_to_the_product_keeps_every_pixel_where_its_camera_
         assert np.array_equal(small, big[int(y0):int(y0) + h, int(x0):int(x0) + w])
         # ...and nothing of the product is cut off.
         assert int((small[..., 3] > 0).sum()) == int((big[..., 3] > 0).sum()) > 0
+
+
+def test_crop_keeps_a_frame_without_the_product_and_refuses_a_capture_without_any(tmp_path):
+    paths = [tmp_path / f"{k}.png" for k in range(3)]
+    for path, corner in zip(paths, [(10, 20), None, (60, 40)]):
+        image = np.zeros((100, 120, 4), np.uint8)
+        image[..., :3] = 90  # the background's colour stays under alpha 0
+        if corner is not None:
+            image[corner[1]:corner[1] + 30, corner[0]:corner[0] + 20] = 255  # a 20x30 product
+        cv2.imwrite(str(path), image)
+    frames = [{"file_path": p.name} for p in paths]
+    camera = {"cx": 60.0, "cy": 50.0, "w": 120, "h": 100}
+    crop_to_product(paths, frames, camera, 0.5)  # the empty frame (1) is no error
+    assert (camera["w"], camera["h"]) == (40, 60)  # the products' size grown by half of it on each side
+    empty = cv2.imread(str(paths[1]), cv2.IMREAD_UNCHANGED)
+    assert empty.shape == (60, 40, 4) and empty[..., 3].max() == 0  # all background, and still trained on
+    assert (frames[1]["cx"], frames[1]["cy"]) == (20.0, 30.0)  # cut around the frame's centre
+    assert [int((cv2.imread(str(p), cv2.IMREAD_UNCHANGED)[..., 3] > 0).sum()) for p in paths] == [600, 0, 600]
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    cv2.imwrite(str(blank / "0.png"), np.zeros((50, 50, 4), np.uint8))
+    with pytest.raises(CaptureError, match="every mask of .*blank is empty"):
+        crop_to_product([blank / "0.png"], [{}], {"cx": 25.0, "cy": 25.0}, 0.1)
 
 
 def test_nerfacto_trains_on_frames_cropped_to_the_product(masks, tmp_path, ns_env):

@@ -104,16 +104,19 @@ def crop_to_product(images: list[Path], frames: list[dict[str, Any]], camera: di
     ``camera``'s ``w``, ``h`` the crop's; focal lengths and distortion stay (distortion is about the
     principal point, which does not move on the sensor). Why: a tool that samples whole frames
     uniformly (nerfstudio) spends most rays on background when the product is small in the frame.
+    A frame whose mask is empty (the product out of view) is cropped at its centre: all of it is
+    background, which is still true supervision.
     """
     rgba = [cv2.imread(str(path), cv2.IMREAD_UNCHANGED) for path in images]
-    boxes = []
-    for path, image in zip(images, rgba):
-        ys, xs = np.nonzero(image[..., 3] > 0)
-        if len(xs) == 0:
-            raise CaptureError(f"{path} has an empty mask: nothing to crop to (nerf.crop_margin)")
-        boxes.append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
     frame_h, frame_w = rgba[0].shape[:2]
-    box = np.array(boxes)
+    boxes, seen = [], []
+    for image in rgba:
+        ys, xs = np.nonzero(image[..., 3] > 0)
+        seen.append(len(xs) > 0)
+        boxes.append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) if len(xs) else (frame_w // 2, frame_h // 2) * 2)
+    if not any(seen):
+        raise CaptureError(f"every mask of {images[0].parent} is empty: nothing to crop to; check the segment stage's contact sheet")
+    box = np.array([b for b, product in zip(boxes, seen) if product])
     w = min(frame_w, int(np.ceil((box[:, 2] - box[:, 0]).max() * (1 + 2 * margin))))
     h = min(frame_h, int(np.ceil((box[:, 3] - box[:, 1]).max() * (1 + 2 * margin))))
     for path, image, frame, (u0, v0, u1, v1) in zip(images, rgba, frames, boxes):
