@@ -165,7 +165,8 @@ class MeshField:
             out = composite(sigma, rgb, t_mid, step)
             # Colour only the samples that show: behind the shell's first few samples the weights
             # vanish, and the nearest-vertex lookup of every sample inside the solid is what made a
-            # 0.9M-face TSDF mesh take minutes a view. Together the skipped ones weigh at most render_samples × VISIBLE_WEIGHT.
+            # 0.9M-face TSDF mesh take minutes a view. The skipped ones together weigh at most
+            # render_samples × VISIBLE_WEIGHT.
             seen = out["weights"] > VISIBLE_WEIGHT
             if bool(seen.any()):
                 rgb[seen] = self.color(points[seen], directions[:, None].expand_as(points)[seen])
