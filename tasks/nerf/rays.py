@@ -118,9 +118,3 @@ def composite(
 def psnr_from_mse(mse: float) -> float:
     """PSNR in dB of colours in 0..1 from their mean squared error (floored at 1e-10, i.e. 100 dB)."""
     return -10.0 * math.log10(max(mse, 1e-10))
-
-
-def psnr(prediction: Tensor, target: Tensor) -> float:
-    """Peak signal-to-noise ratio in dB of colours in 0..1 (any matching shapes)."""
-    mse = torch.mean((prediction.float() - target.float()) ** 2).clamp(min=1e-10)
-    return float(-10.0 * torch.log10(mse))
